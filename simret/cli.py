@@ -1,0 +1,125 @@
+"""The ``simret`` command: a click group whose sub-commands load on demand.
+
+Each command lives in its own module under ``simret.commands`` and imports torch/timm/faiss inside its
+function body, so ``simret --help`` answers without importing any of them.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from types import SimpleNamespace
+from typing import Dict, List, Optional
+
+import click
+
+from simret import __version__
+from simret.utils.logs import setup_logging
+
+# name → "module:function"; the order is the order of ``simret --help``
+COMMANDS: Dict[str, str] = {
+    "index": "simret.commands.index:index",
+    "search": "simret.commands.search:search",
+    "eval": "simret.commands.evaluate:evaluate",
+    "fewshot": "simret.commands.fewshot:fewshot",
+    "train": "simret.commands.train:train",
+    "attention": "simret.commands.attention:attention",
+    "demo": "simret.commands.demo:demo",
+    "info": "simret.commands.info:info",
+}
+
+
+class LazyGroup(click.Group):
+    """A click group that imports a sub-command's module only when that command is needed."""
+
+    def list_commands(self, ctx: click.Context) -> List[str]:
+        return [name for name in COMMANDS if _module_exists(COMMANDS[name])] + sorted(self.commands)
+
+    def get_command(self, ctx: click.Context, name: str) -> Optional[click.Command]:
+        if name in self.commands:
+            return self.commands[name]
+        target = COMMANDS.get(name)
+        if target is None or not _module_exists(target):
+            return None
+        module_name, attribute = target.split(":")
+        return getattr(importlib.import_module(module_name), attribute)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as err:
+            if ctx.obj is not None and getattr(ctx.obj, "verbosity", 0) > 0:
+                raise
+            raise click.ClickException(_one_message(err)) from None
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit=formatter.width - 6 - len(name))))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+def _user_errors() -> tuple:
+    """Exceptions that report bad input (a message is enough; ``-v`` shows the traceback)."""
+    return (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            PermissionError, KeyError)
+
+
+USER_ERRORS = _user_errors()
+
+
+def _one_message(err: BaseException) -> str:
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return text or type(err).__name__
+
+
+def _module_exists(target: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(target.split(":")[0]) is not None
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, "-V", "--version", prog_name="simret")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
+@click.option("-q", "--quiet", count=True, help="Only warnings and errors on stderr; no progress bars.")
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]|mps",
+              help="Where models run, unless a command's own --device says otherwise.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: int, device: str) -> None:
+    """simret: image retrieval and few-shot learning with SimPool-pooled timm encoders.
+
+    \b
+    Typical session:
+      simret index photos/ --out idx/ --model resnet50 --weights timm
+      simret search idx/ query.jpg -k 10
+      simret eval roxford5k --data-root ~/data/revisitop --model resnet50 --weights timm
+      simret fewshot ~/data/miniimagenet --shot 1,5 --method simpleshot,protonet
+      simret demo              # everything above, offline, on embedded data
+
+    Results go to stdout, logs and progress bars to stderr. Every command has its own --help.
+    """
+    verbosity = verbose - quiet
+    setup_logging(verbosity)
+    logging.captureWarnings(True)
+    from simret.utils import progress
+
+    progress.set_enabled(verbosity >= 0)
+    ctx.obj = SimpleNamespace(verbosity=verbosity, device=device)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Console entry point: user errors end with a one-line message and exit status 1 (2 for usage)."""
+    try:
+        cli.main(args=argv, prog_name="simret", standalone_mode=True)
+    except KeyboardInterrupt:  # pragma: no cover - interactive
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

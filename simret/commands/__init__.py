@@ -1,0 +1,2 @@
+"""One module per ``simret`` sub-command. Modules here import click only; heavy imports go inside the
+command functions so that ``simret --help`` stays instant."""

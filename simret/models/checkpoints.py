@@ -1,0 +1,374 @@
+"""Weights for encoders: timm's hub, local ``.pth/.pt/.safetensors`` files, the official SimPool checkpoints.
+
+Everything here fails fast and clearly offline: nothing is downloaded unless the host answers within a
+couple of seconds, and every error says how to provide the file by hand. Checkpoints are read with
+``torch.load(weights_only=True)`` (plus a short allow-list of harmless containers such as
+``argparse.Namespace``, which DINO and timm store beside the weights) or with safetensors; arbitrary
+pickles are refused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import socket
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from urllib.parse import urlparse
+
+from simret.utils.logs import get_logger
+
+log = get_logger(__name__)
+
+StateDict = Dict[str, "torch.Tensor"]  # noqa: F821
+
+SIMRET_FORMAT_KEY = "simret_encoder"
+CONTAINER_KEYS = ("teacher", "state_dict", "model", "model_ema", "state_dict_ema", "module", "student")
+STRIPPED_PREFIXES = ("module.", "_orig_mod.", "backbone.")
+POOL_PREFIXES = ("simpool.", "head.global_pool.pool.", "global_pool.pool.", "gp.pool.")
+
+
+class WeightsError(ValueError):
+    """A weights file or name that cannot be used (corrupt, unsafe, mismatched keys, unknown name)."""
+
+
+class WeightsNotFoundError(WeightsError, FileNotFoundError):
+    """The weights file does not exist."""
+
+
+class WeightsUnavailableError(WeightsError):
+    """Weights would have to be downloaded, and the host cannot be reached from here."""
+
+
+@dataclass(frozen=True)
+class OfficialCheckpoint:
+    """One of the checkpoints released with the SimPool paper (github.com/billpsomas/simpool)."""
+
+    name: str
+    arch: str
+    gamma: Optional[float]
+    use_beta: bool
+    url: str
+    training: str
+    mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
+    notes: str = ""
+
+    @property
+    def filename(self) -> str:
+        return Path(urlparse(self.url).path).name
+
+
+def _hf(repo: str, filename: str) -> str:
+    return f"https://huggingface.co/billpsomas/{repo}/resolve/main/{filename}"
+
+
+OFFICIAL_CHECKPOINTS: Dict[str, OfficialCheckpoint] = {
+    c.name: c
+    for c in [
+        OfficialCheckpoint("vits-dino-simpool-ep100", "vit_small_patch16_224", 1.25, True,
+                           _hf("vits_dino_simpool_ep100", "vits_dino_simpool_ep100.pth"), "DINO, ImageNet-1k, 100 ep"),
+        OfficialCheckpoint("vits-dino-simpool-ep300", "vit_small_patch16_224", 1.25, True,
+                           _hf("vits_dino_simpool_ep300", "vits_dino_simpool_ep300.pth"), "DINO, ImageNet-1k, 300 ep"),
+        OfficialCheckpoint("vits-dino-simpool-nogamma-ep100", "vit_small_patch16_224", None, False,
+                           _hf("vits_dino_simpool_no_gamma_ep100", "vits_dino_simpool_no_gamma_ep100.pth"),
+                           "DINO, ImageNet-1k, 100 ep, no gamma"),
+        OfficialCheckpoint("resnet50-dino-simpool-ep100", "resnet50", 2.0, False,
+                           _hf("resnet50_dino_simpool_ep100", "resnet50_dino_simpool_ep100.pth"), "DINO, ImageNet-1k, 100 ep"),
+        OfficialCheckpoint("resnet50-dino-simpool-nogamma-ep100", "resnet50", None, False,
+                           _hf("resnet50_dino_simpool_no_gamma_ep100", "resnet50_dino_simpool_no_gamma_ep100.pth"),
+                           "DINO, ImageNet-1k, 100 ep, no gamma"),
+        OfficialCheckpoint("convnexts-dino-simpool-ep100", "convnext_small", 2.0, False,
+                           _hf("convnext_small_dino_simpool_ep100", "convnext_small_dino_simpool_ep100.pth"),
+                           "DINO, ImageNet-1k, 100 ep"),
+        OfficialCheckpoint("convnexts-dino-simpool-nogamma-ep100", "convnext_small", None, False,
+                           _hf("convnext_small_dino_simpool_no_gamma_ep100", "convnext_small_dino_simpool_no_gamma_ep100.pth"),
+                           "DINO, ImageNet-1k, 100 ep, no gamma"),
+        OfficialCheckpoint("vits-supervised-simpool-ep100", "vit_small_patch16_224", 1.25, True,
+                           "https://huggingface.co/billpsomas/vits_supervised_simpool_ep100/resolve/main/"
+                           "vits_gem1.25_supervised_beta.pth.tar", "supervised, ImageNet-1k, 100 ep"),
+        OfficialCheckpoint("vits-supervised-simpool-nogamma-ep100", "vit_small_patch16_224", None, False,
+                           "https://huggingface.co/billpsomas/vits_supervised_simpool_no_gamma_ep100/resolve/main/"
+                           "vits_supervised_simpool_no_gamma_ep100.pth.tar", "supervised, ImageNet-1k, 100 ep, no gamma"),
+    ]
+}
+
+
+def list_official_checkpoints() -> List[OfficialCheckpoint]:
+    """The official SimPool checkpoints simret knows by name (``weights="simpool:<name>"``)."""
+    return list(OFFICIAL_CHECKPOINTS.values())
+
+
+def official_checkpoint(spec: str) -> Optional[OfficialCheckpoint]:
+    """``"simpool:<name>"`` or a bare registry name → its entry; anything else → None."""
+    name = spec.split(":", 1)[1] if spec.startswith("simpool:") else spec
+    entry = OFFICIAL_CHECKPOINTS.get(name)
+    if entry is None and spec.startswith("simpool:"):
+        known = ", ".join(sorted(OFFICIAL_CHECKPOINTS))
+        raise WeightsError(f"unknown official SimPool checkpoint {name!r}; known: {known}")
+    return entry
+
+
+# ------------------------------------------------------------------------------------------ network
+
+
+def cache_dir() -> Path:
+    """Where downloaded weights live: ``$SIMRET_CACHE`` or ``~/.cache/simret``."""
+    return Path(os.environ.get("SIMRET_CACHE", Path.home() / ".cache" / "simret")).expanduser()
+
+
+def host_reachable(host: str, port: int = 443, timeout: float = 2.0) -> bool:
+    """True when a TCP connection to ``host:port`` opens within ``timeout`` seconds."""
+    if os.environ.get("SIMRET_OFFLINE", "") not in ("", "0") or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return False
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def fetch_url(url: str, *, what: str) -> Path:
+    """The local copy of ``url`` in the cache, downloading it (with a progress bar) if it is not there.
+
+    Raises:
+        WeightsUnavailableError: not cached and the host does not answer; the message says where to put
+            the file by hand.
+    """
+    target = cache_dir() / "downloads" / Path(urlparse(url).path).name
+    if target.is_file():
+        return target
+    host = urlparse(url).hostname or ""
+    if not host_reachable(host):
+        raise WeightsUnavailableError(
+            f"{what} is not in the cache and {host} cannot be reached from here.\n"
+            f"  Download {url}\n  on a machine with internet access and either put it at {target}\n"
+            f"  or pass the file's path as the weights (--weights /path/to/{target.name})."
+        )
+    import torch
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".part")
+    log.info("downloading %s to %s", url, target)
+    torch.hub.download_url_to_file(url, str(partial), progress=True)
+    partial.replace(target)
+    return target
+
+
+def timm_pretrained_file(arch: str) -> Optional[str]:
+    """A locally cached file with timm's pretrained weights for ``arch``, or None when timm must download.
+
+    Raises:
+        WeightsUnavailableError: nothing cached and neither huggingface.co nor the weights URL answers.
+        WeightsError: timm has no pretrained weights for ``arch``.
+    """
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(arch)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise WeightsError(f"timm has no pretrained weights for {arch!r}; see timm.list_pretrained()")
+    if cfg.file and Path(cfg.file).is_file():
+        return str(cfg.file)
+    if cfg.hf_hub_id:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+            for name in names:
+                try:
+                    return hf_hub_download(cfg.hf_hub_id, name, local_files_only=True)
+                except Exception:  # noqa: BLE001 - not cached under this name
+                    continue
+        except ImportError:  # pragma: no cover - timm depends on huggingface_hub
+            pass
+    if cfg.url:
+        import torch
+
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name
+        if cached.is_file():
+            return str(cached)
+    hosts = (["huggingface.co"] if cfg.hf_hub_id else []) + ([urlparse(cfg.url).hostname] if cfg.url else [])
+    if any(host_reachable(h) for h in hosts if h):
+        return None
+    where = f"https://huggingface.co/{cfg.hf_hub_id}" if cfg.hf_hub_id else cfg.url
+    raise WeightsUnavailableError(
+        f"timm's pretrained weights for {arch!r} are not cached here and {', '.join(h for h in hosts if h)} "
+        f"cannot be reached.\n  Fetch them on a machine with internet access "
+        f"(python -c \"import timm; timm.create_model('{arch}', pretrained=True)\") and copy the Hugging Face "
+        f"cache (~/.cache/huggingface/hub), or download the weights from {where} and pass the file's path "
+        f"as the weights (--weights /path/to/model.safetensors)."
+    )
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+
+def _safe_globals() -> list:
+    """Harmless classes found in real checkpoints next to the weights (DINO/timm ``args``, numpy scalars)."""
+    allowed: list = [argparse.Namespace]
+    try:
+        import numpy as np
+
+        allowed += [np.dtype, np.ndarray]
+        core = getattr(np, "_core", None) or np.core
+        allowed += [core.multiarray.scalar, core.multiarray._reconstruct]
+        allowed += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
+    except Exception:  # noqa: BLE001 - numpy layout differs between versions
+        pass
+    return allowed
+
+
+def read_checkpoint(path: str | os.PathLike) -> Tuple[Mapping[str, Any], Dict[str, Any]]:
+    """Read a checkpoint safely: ``(the loaded object, simret metadata or {})``.
+
+    ``.safetensors`` files are read with safetensors; anything else with ``torch.load(weights_only=True)``.
+
+    Raises:
+        WeightsNotFoundError: the file does not exist.
+        WeightsError: corrupt, truncated, not a checkpoint, or holding Python objects outside the allow-list.
+    """
+    import torch
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise WeightsNotFoundError(f"weights file not found: {path}")
+    if path.is_dir():
+        raise WeightsError(f"weights must be a file, {path} is a directory")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+        from safetensors.torch import load_file
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise WeightsError(f"{path} is not a readable safetensors file ({err})") from None
+        meta = json.loads(metadata[SIMRET_FORMAT_KEY]) if SIMRET_FORMAT_KEY in metadata else {}
+        return state, meta
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "global" in line]
+        if not refused:
+            raise WeightsError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?)") from None
+        raise WeightsError(
+            f"{path} holds Python objects that simret will not unpickle (it loads checkpoints with "
+            f"weights_only=True for safety): {refused[0]}\n  Re-save only the tensors, e.g. "
+            f"torch.save(model.state_dict(), 'clean.pth'), or convert the file to .safetensors."
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise WeightsError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {err}") from None
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"{path} holds a {type(obj).__name__}, not a state dict or checkpoint dict")
+    meta = dict(obj.get(SIMRET_FORMAT_KEY) or {}) if SIMRET_FORMAT_KEY in obj else {}
+    return obj, meta
+
+
+def unwrap_state_dict(obj: Mapping[str, Any], checkpoint_key: Optional[str] = None) -> StateDict:
+    """Find the weights inside a checkpoint dict (DINO ``teacher``, timm ``state_dict``, ``model`` …).
+
+    ``checkpoint_key`` picks one explicitly (e.g. ``student`` or ``state_dict_ema``).
+    """
+    import torch
+
+    if checkpoint_key is not None:
+        if checkpoint_key not in obj:
+            raise WeightsError(f"checkpoint has no {checkpoint_key!r} entry; it has: {', '.join(map(str, obj))}")
+        obj = obj[checkpoint_key]
+    else:
+        for key in CONTAINER_KEYS:
+            if key in obj and isinstance(obj[key], Mapping):
+                obj = obj[key]
+                break
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise WeightsError(f"checkpoint holds no tensors (entries: {', '.join(list(map(str, obj))[:10])})")
+    return state
+
+
+# ---------------------------------------------------------------------------------------- mapping
+
+
+@dataclass
+class MappedWeights:
+    """A checkpoint split onto simret's encoder: trunk and pooling state dicts, and trunk constructor hints.
+
+    ``source`` names the layout found: ``simret``, ``dino`` (official SimPool DINO: ``simpool.*``, the
+    trunk's final norm applied after pooling), ``timm`` (official supervised SimPool, timm naming) or
+    ``plain`` (a trunk checkpoint with no pooling weights).
+    """
+
+    trunk: StateDict
+    pool: StateDict
+    trunk_kwargs: Dict[str, Any] = field(default_factory=dict)
+    source: str = "plain"
+
+
+def _strip_prefixes(state: StateDict) -> StateDict:
+    has_backbone = any(k.replace("module.", "", 1).startswith("backbone.") for k in state)
+    out: StateDict = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        if has_backbone:
+            if not key.startswith("backbone."):
+                continue  # DINO projection head and other non-backbone parts
+            key = key[len("backbone."):]
+        out[key] = value
+    return out
+
+
+def map_checkpoint(state: StateDict) -> MappedWeights:
+    """Split a state dict (any supported layout) into trunk and pooling weights for ``Encoder``."""
+    if any(k.startswith("trunk.") for k in state):
+        trunk = {k[len("trunk."):]: v for k, v in state.items() if k.startswith("trunk.")}
+        pool = {k[len("pool."):]: v for k, v in state.items() if k.startswith("pool.")}
+        others = sorted(k for k in state if not k.startswith(("trunk.", "pool.")))
+        if others:
+            raise WeightsError(f"unexpected keys in a simret checkpoint: {_name_keys(others)}")
+        return MappedWeights(trunk, pool, source="simret")
+    state = _strip_prefixes(state)
+    trunk: StateDict = {}
+    pool: StateDict = {}
+    pool_prefix = None
+    for key, value in state.items():
+        for prefix in POOL_PREFIXES:
+            if key.startswith(prefix):
+                pool[key[len(prefix):]] = value
+                pool_prefix = pool_prefix or prefix
+                break
+        else:
+            trunk[key] = value
+    kwargs: Dict[str, Any] = {}
+    source = "plain" if not pool else ("dino" if pool_prefix == "simpool." else "timm")
+    is_vit = "pos_embed" in trunk and any(k.startswith("blocks.") for k in trunk)
+    if is_vit and "cls_token" not in trunk:
+        kwargs.update(class_token=False, global_pool="")
+    if is_vit and source == "dino" and "norm.weight" in trunk and "fc_norm.weight" not in trunk:
+        # official DINO ViT: SimPool pools the un-normalised tokens and the final norm follows the pooling,
+        # which is timm's fc_norm arrangement
+        kwargs["fc_norm"] = True
+        trunk = {("fc_" + k if k.startswith("norm.") else k): v for k, v in trunk.items()}
+    return MappedWeights(trunk, pool, kwargs, source)
+
+
+def _name_keys(keys: Iterable[str], limit: int = 12) -> str:
+    keys = list(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f" … and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def describe_key_mismatch(missing: List[str], unexpected: List[str], where: str) -> str:
+    """A readable sentence naming the keys that did not line up."""
+    parts = []
+    if missing:
+        parts.append(f"missing from the checkpoint ({len(missing)}): {_name_keys(missing)}")
+    if unexpected:
+        parts.append(f"not used by the model ({len(unexpected)}): {_name_keys(unexpected)}")
+    return f"weights do not fit the {where}: " + "; ".join(parts)

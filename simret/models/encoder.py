@@ -1,0 +1,434 @@
+"""Encoders: any timm trunk followed by a global pooling (SimPool by default) → ``(B, D)`` descriptors.
+
+``create_encoder("resnet50", pool="simpool", gamma=2.0, weights="timm")`` builds one;
+``save_encoder``/``load_encoder`` round-trip a (fine-tuned) encoder through one file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from simret.models.checkpoints import (
+    SIMRET_FORMAT_KEY,
+    MappedWeights,
+    OfficialCheckpoint,
+    WeightsError,
+    describe_key_mismatch,
+    fetch_url,
+    map_checkpoint,
+    official_checkpoint,
+    read_checkpoint,
+    timm_pretrained_file,
+    unwrap_state_dict,
+)
+from simret.models.pooling import create_pool, pool_uses_prefix_tokens
+from simret.utils.logs import get_logger
+
+log = get_logger(__name__)
+
+Tensor = torch.Tensor
+WeightsSpec = Union[None, str, Path]
+
+
+class RandomWeightsWarning(UserWarning):
+    """Raised (as a warning) when an encoder, or its pooling layer, carries random weights."""
+
+
+class Encoder(nn.Module):
+    """A timm trunk and a global pooling: images ``(B, 3, H, W)`` → descriptors ``(B, D)`` (not normalised).
+
+    Attributes:
+        trunk: the timm model, classifier removed (``num_classes=0``).
+        pool: the pooling module (``SimPool``, ``GeMPool`` …).
+        dim: descriptor width ``D``.
+        data_config: ``{"input_size", "mean", "std", "interpolation", "crop_pct", …}`` for preprocessing.
+        config: everything ``create_encoder`` needs to rebuild this encoder (weights aside).
+    """
+
+    def __init__(self, trunk: nn.Module, pool: nn.Module, config: Dict[str, Any],
+                 data_config: Optional[Dict[str, Any]] = None) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.pool = pool
+        self.config = dict(config)
+        self.dim = int(trunk.num_features)
+        self.num_prefix_tokens = int(getattr(trunk, "num_prefix_tokens", 0) or 0)
+        self._keeps_prefix = pool_uses_prefix_tokens(pool)
+        self._data_config = data_config
+        self._fingerprint_cache: Tuple[Any, str] = ((), "")
+
+    # ------------------------------------------------------------------------------------ properties
+
+    @property
+    def data_config(self) -> Dict[str, Any]:
+        if self._data_config is None:
+            from timm.data import resolve_data_config
+
+            self._data_config = dict(resolve_data_config({}, model=self.trunk))
+        return dict(self._data_config)
+
+    @property
+    def fingerprint(self) -> str:
+        """A stable id of architecture + pooling + weights: ``<arch>-<pool>-<16 hex>``.
+
+        The digest covers the configuration and every parameter and buffer, so two encoders share a
+        fingerprint exactly when they compute the same descriptors; it is recomputed after any in-place
+        change of the weights (training steps, ``load_state_dict``).
+        """
+        tensors = list(self.state_dict(keep_vars=True).items())
+        version = tuple(t._version for _, t in tensors)
+        if self._fingerprint_cache[0] != version:
+            digest = hashlib.blake2b(digest_size=8)
+            digest.update(json.dumps(self._identity(), sort_keys=True).encode())
+            for name, tensor in tensors:
+                digest.update(name.encode())
+                data = tensor.detach().cpu().contiguous()
+                if data.dtype == torch.bfloat16:
+                    data = data.view(torch.int16)
+                digest.update(data.numpy().tobytes() if data.numel() else b"")
+            self._fingerprint_cache = (version, digest.hexdigest())
+        return f"{self.config['arch']}-{self.config['pool']}-{self._fingerprint_cache[1]}"
+
+    def _identity(self) -> Dict[str, Any]:
+        keys = ("arch", "pool", "gamma", "pool_kwargs", "trunk_kwargs")
+        return {k: self.config.get(k) for k in keys}
+
+    @property
+    def is_transformer(self) -> bool:
+        """True when the trunk produces a token sequence (ViT-like) rather than a feature map."""
+        return hasattr(self.trunk, "patch_embed") and hasattr(self.trunk, "blocks")
+
+    # --------------------------------------------------------------------------------------- compute
+
+    def forward_features(self, images: Tensor) -> Tensor:
+        """images ``(B, 3, H, W)`` → what the pooling sees: feature maps ``(B, C, h, w)`` for CNNs, patch
+        tokens ``(B, N, C)`` for ViTs (all tokens, prefix first, for ``cls`` pooling)."""
+        if images.ndim != 4:
+            raise ValueError(f"expected images (B, 3, H, W), got shape {tuple(images.shape)}")
+        features = self.trunk.forward_features(images)
+        if features.ndim == 4:
+            if getattr(self.trunk, "output_fmt", "NCHW") == "NHWC":
+                features = features.permute(0, 3, 1, 2)
+            return features
+        if features.ndim == 3 and not self._keeps_prefix:
+            return features[:, self.num_prefix_tokens:]
+        return features
+
+    def pool_features(self, features: Tensor) -> Tensor:
+        """features from ``forward_features`` → pooled descriptors ``(B, D)`` (incl. the trunk's post-pool norm)."""
+        return self._post_pool_norm(self.pool(features))
+
+    def forward(self, images: Tensor) -> Tensor:
+        """images ``(B, 3, H, W)`` → descriptors ``(B, D)``, not normalised."""
+        return self.pool_features(self.forward_features(images))
+
+    def feature_grid(self, images: Tensor) -> Tuple[int, int]:
+        """``(h, w)`` of the feature grid the pooling attends over for images of this size."""
+        height, width = images.shape[-2:]
+        embed = getattr(self.trunk, "patch_embed", None)
+        if embed is not None:
+            if hasattr(embed, "dynamic_feat_size") and getattr(self.trunk, "dynamic_img_size", False):
+                return tuple(embed.dynamic_feat_size((height, width)))
+            return tuple(embed.grid_size)
+        raise RuntimeError("feature_grid is only needed for token trunks")
+
+    def attention(self, images: Tensor) -> Tensor:
+        """SimPool attention maps: images ``(B, 3, H, W)`` → ``(B, h, w)`` (heads averaged; rows sum to 1)."""
+        if not hasattr(self.pool, "attention"):
+            raise ValueError(f"attention maps need pool='simpool', this encoder pools with {self.config['pool']!r}")
+        features = self.forward_features(images)
+        attn = self.pool.attention(features).mean(dim=1)  # (B, N)
+        if features.ndim == 4:
+            return attn.view(attn.shape[0], *features.shape[-2:])
+        grid = self.feature_grid(images)
+        if grid[0] * grid[1] != attn.shape[1]:
+            raise RuntimeError(f"cannot lay {attn.shape[1]} tokens out on a {grid} grid")
+        return attn.view(attn.shape[0], *grid)
+
+    def _post_pool_norm(self, pooled: Tensor) -> Tensor:
+        """The trunk's own norm between pooling and classifier (ViT ``fc_norm``, ConvNeXt ``head.norm``)."""
+        fc_norm = getattr(self.trunk, "fc_norm", None)
+        if isinstance(fc_norm, nn.Module) and not isinstance(fc_norm, nn.Identity):
+            return fc_norm(pooled)
+        head_norm = getattr(getattr(self.trunk, "head", None), "norm", None)
+        if isinstance(head_norm, nn.Module) and not isinstance(head_norm, nn.Identity):
+            if type(head_norm).__name__.endswith("2d"):  # channels-first norm of a (B, C, 1, 1) map
+                return head_norm(pooled[:, :, None, None]).flatten(1)
+            return head_norm(pooled)
+        return pooled
+
+
+# --------------------------------------------------------------------------------------- factory
+
+
+def _is_path_like(weights: WeightsSpec) -> bool:
+    if isinstance(weights, Path):
+        return True
+    text = str(weights)
+    return text.endswith((".pth", ".pt", ".tar", ".bin", ".safetensors", ".ckpt")) or "/" in text or "\\" in text
+
+
+def _pool_kwargs(pool: str, gamma: Optional[float], pool_kwargs: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    kwargs = dict(pool_kwargs or {})
+    if gamma is not None:
+        if pool == "simpool":
+            kwargs["gamma"] = gamma
+        elif pool == "gem":
+            kwargs.setdefault("p", gamma)
+        else:
+            raise ValueError(f"gamma applies to pool='simpool' (and to 'gem' as its initial p), not {pool!r}")
+    return kwargs
+
+
+def _build_trunk(arch: str, timm_kwargs: Dict[str, Any], pretrained_file: Optional[str] = None,
+                 pretrained: bool = False) -> nn.Module:
+    import timm
+
+    if not timm.is_model(arch.split(".")[0]):
+        close = timm.list_models(f"*{arch.split('.')[0].split('_')[0]}*")[:8]
+        hint = f"; similar: {', '.join(close)}" if close else ""
+        raise ValueError(f"unknown timm architecture {arch!r}{hint}")
+    kwargs = {"num_classes": 0, **timm_kwargs}
+    if pretrained_file:
+        kwargs["pretrained_cfg_overlay"] = {"file": pretrained_file}
+    dynamic = "dynamic_img_size" not in timm_kwargs
+    try:
+        return timm.create_model(arch, pretrained=pretrained, **({"dynamic_img_size": True} if dynamic else {}), **kwargs)
+    except TypeError as err:
+        if dynamic and "dynamic_img_size" in str(err):
+            return timm.create_model(arch, pretrained=pretrained, **kwargs)
+        raise
+
+
+def _load_mapped(trunk: nn.Module, pool: nn.Module, mapped: MappedWeights, pool_name: str, label: str) -> None:
+    """Load mapped weights; errors name every key that does not line up."""
+    trunk_state = dict(mapped.trunk)
+    module = __import__(type(trunk).__module__, fromlist=["checkpoint_filter_fn"])
+    filter_fn = getattr(module, "checkpoint_filter_fn", None)
+    if filter_fn is not None and mapped.source != "simret":
+        try:
+            trunk_state = filter_fn(trunk_state, trunk)
+        except Exception as err:  # noqa: BLE001 - timm filters assume their own layouts
+            log.debug("timm checkpoint filter for %s skipped: %s", type(trunk).__name__, err)
+    expected = trunk.state_dict()
+    classifier = str(getattr(trunk, "pretrained_cfg", {}).get("classifier", "") or "")
+    dropped = {"fc", "head", "head.fc", "classifier", classifier} - {""}
+    unexpected = sorted(k for k in trunk_state if k not in expected
+                        and not any(k.startswith(p + ".") or k == p for p in dropped))
+    trunk_state = {k: v for k, v in trunk_state.items() if k in expected}
+    missing = sorted(k for k in expected if k not in trunk_state)
+    if missing or unexpected:
+        raise WeightsError(f"{label}: " + describe_key_mismatch(missing, unexpected, f"{type(trunk).__name__} trunk"))
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in trunk_state.items()
+              if v.shape != expected[k].shape]
+    if shapes:
+        raise WeightsError(f"{label}: tensor shapes differ from the trunk's: {'; '.join(shapes[:8])}")
+    trunk.load_state_dict(trunk_state, strict=True)
+
+    pool_expected = pool.state_dict()
+    if not mapped.pool:
+        if pool_expected:
+            warnings.warn(f"{label} has no weights for the {pool_name!r} pooling: it stays randomly initialised",
+                          RandomWeightsWarning, stacklevel=3)
+        return
+    if not pool_expected or pool_name != "simpool" and mapped.source != "simret":
+        log.warning("%s holds pooling weights (%s) that pool=%r does not use; they are ignored",
+                    label, ", ".join(sorted(mapped.pool)), pool_name)
+        return
+    missing = sorted(set(pool_expected) - set(mapped.pool))
+    unexpected = sorted(set(mapped.pool) - set(pool_expected))
+    if missing or unexpected:
+        hint = ""
+        if "beta" in unexpected:
+            hint = " (the checkpoint's SimPool has beta, which exists only with gamma: pass gamma, e.g. 1.25 for ViTs, 2.0 for CNNs)"
+        raise WeightsError(f"{label}: " + describe_key_mismatch(missing, unexpected, f"{pool_name} pooling") + hint)
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(pool_expected[k].shape)}" for k, v in mapped.pool.items()
+              if v.shape != pool_expected[k].shape]
+    if shapes:
+        raise WeightsError(f"{label}: pooling tensor shapes differ: {'; '.join(shapes)}")
+    pool.load_state_dict(mapped.pool, strict=True)
+
+
+def create_encoder(
+    arch: Optional[str],
+    pool: str = "simpool",
+    gamma: Optional[float] = None,
+    weights: WeightsSpec = None,
+    *,
+    pool_kwargs: Optional[Dict[str, Any]] = None,
+    checkpoint_key: Optional[str] = None,
+    seed: int = 0,
+    **timm_kwargs: Any,
+) -> Encoder:
+    """Build an ``Encoder``: a timm trunk (``arch``) with ``pool`` as its global pooling.
+
+    Args:
+        arch: any timm model name (``resnet50``, ``convnext_small``, ``vit_small_patch16_224``…, a
+            ``.tag`` suffix picks timm pretrained weights). May be None when ``weights`` names an official
+            SimPool checkpoint or a file saved by simret, which carry their architecture.
+        pool: ``simpool`` (default), ``avg``, ``max``, ``gem`` or ``cls`` (ViTs).
+        gamma: SimPool's power-mean exponent (2.0 for CNNs, 1.25 for ViTs in the paper); None = plain mean.
+        weights: ``None`` random init (deterministic from ``seed``, with a warning, no network);
+            ``"timm"`` timm's pretrained trunk (fails fast and clearly when it cannot be fetched);
+            ``"simpool:<name>"`` an official SimPool checkpoint (see ``list_official_checkpoints``);
+            a path to ``.pth/.pt/.tar/.safetensors`` — official SimPool DINO or supervised checkpoints,
+            timm/torchvision trunk checkpoints, or files written by ``save_encoder``.
+        pool_kwargs: extra pooling arguments (``num_heads``, ``use_beta`` for SimPool; ``p`` for GeM).
+        checkpoint_key: which entry of a checkpoint dict holds the weights (default: ``teacher`` for DINO,
+            then ``state_dict``, ``model`` …).
+        seed: seed for every randomly initialised parameter.
+        **timm_kwargs: passed to ``timm.create_model`` (``img_size``, ``drop_path_rate`` …).
+    """
+    label = "random init"
+    mapped: Optional[MappedWeights] = None
+    official: Optional[OfficialCheckpoint] = None
+    file_meta: Dict[str, Any] = {}
+    data_config_override: Dict[str, Any] = {}
+    pool_kwargs = dict(pool_kwargs or {})
+    pretrained_file: Optional[str] = None
+    use_timm_pretrained = False
+    weights_id: Optional[str] = None
+
+    if weights is not None and not isinstance(weights, (str, Path)):
+        raise TypeError(f"weights must be None, 'timm', 'simpool:<name>' or a path, got {type(weights).__name__}")
+    if weights is not None and str(weights) == "timm":
+        if arch is None:
+            raise ValueError("weights='timm' needs an architecture name")
+        label, weights_id = f"timm pretrained {arch}", f"timm:{arch}"
+        pretrained_file = timm_pretrained_file(arch)
+        use_timm_pretrained = True
+    elif weights is not None:
+        spec = str(weights)
+        official = None if _is_path_like(weights) else official_checkpoint(spec)
+        if official is not None:
+            if arch is not None and arch.split(".")[0] != official.arch:
+                raise WeightsError(f"official checkpoint {official.name!r} is a {official.arch}, not {arch}")
+            arch = official.arch
+            if gamma is None:
+                gamma = official.gamma
+            elif gamma != official.gamma:
+                warnings.warn(f"{official.name} was trained with gamma={official.gamma}; using gamma={gamma}", stacklevel=2)
+            if official.use_beta and gamma is not None:
+                pool_kwargs.setdefault("use_beta", True)
+            data_config_override = {"mean": official.mean, "std": official.std}
+            path = fetch_url(official.url, what=f"official SimPool checkpoint {official.name!r}")
+            label, weights_id = f"official SimPool checkpoint {official.name}", f"simpool:{official.name}"
+        elif spec.startswith(("http://", "https://")):
+            path = fetch_url(spec, what=f"weights {spec}")
+            label, weights_id = f"weights {path.name}", spec
+        elif not _is_path_like(weights) and ":" not in spec and not Path(spec).exists():
+            raise WeightsError(f"weights {spec!r} is neither 'timm', an official SimPool checkpoint name "
+                               f"(simpool:<name>) nor an existing file")
+        else:
+            path = Path(spec).expanduser()
+            label, weights_id = f"weights {path}", str(path)
+        obj, file_meta = read_checkpoint(path)
+        if file_meta:
+            arch, pool, gamma, pool_kwargs, timm_kwargs = _merge_saved_config(
+                file_meta, arch, pool, gamma, pool_kwargs, timm_kwargs, label)
+            data_config_override = dict(file_meta.get("data_config") or {})
+        state = unwrap_state_dict(obj, checkpoint_key if not file_meta else "state_dict" if "state_dict" in obj else None)
+        mapped = map_checkpoint(state)
+        if mapped.source != "simret" and pool == "simpool" and "beta" in mapped.pool:
+            pool_kwargs.setdefault("use_beta", True)
+        for key, value in mapped.trunk_kwargs.items():
+            timm_kwargs.setdefault(key, value)
+    if arch is None:
+        raise ValueError("an architecture name is needed: this weights file does not name one "
+                         "(pass arch=..., --model ARCH on the command line)")
+
+    kwargs = _pool_kwargs(pool, gamma, pool_kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        trunk = _build_trunk(arch, timm_kwargs, pretrained_file, use_timm_pretrained)
+        pooling = create_pool(pool, int(trunk.num_features), **kwargs)
+    if mapped is not None:
+        _load_mapped(trunk, pooling, mapped, pool, label)
+    elif weights is None:
+        warnings.warn(f"{arch} with {pool} pooling has RANDOM weights (weights=None, seed={seed}): "
+                      f"descriptors carry no learnt meaning", RandomWeightsWarning, stacklevel=2)
+    elif use_timm_pretrained and any(True for _ in pooling.parameters()):
+        warnings.warn(f"timm's weights cover the {arch} trunk only: the {pool} pooling is randomly initialised "
+                      f"(seed={seed}); fine-tune it (simret train --freeze-trunk) or use an official checkpoint",
+                      RandomWeightsWarning, stacklevel=2)
+
+    data_config = None
+    if data_config_override:
+        from timm.data import resolve_data_config
+
+        data_config = dict(resolve_data_config({}, model=trunk))
+        data_config.update({k: tuple(v) if isinstance(v, list) else v for k, v in data_config_override.items()})
+    config = {
+        "arch": arch,
+        "pool": pool,
+        "gamma": gamma,
+        "pool_kwargs": {k: v for k, v in kwargs.items() if k != "gamma"},
+        "trunk_kwargs": {k: v for k, v in timm_kwargs.items() if _jsonable(v)},
+        "weights": weights_id,
+        "seed": seed,
+    }
+    encoder = Encoder(trunk, pooling, config, data_config)
+    log.debug("encoder %s (%s), dim %d", encoder.fingerprint, label, encoder.dim)
+    return encoder.eval()
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except TypeError:
+        return False
+
+
+def _merge_saved_config(meta: Dict[str, Any], arch: Optional[str], pool: str, gamma: Optional[float],
+                        pool_kwargs: Dict[str, Any], timm_kwargs: Dict[str, Any], label: str):
+    """Configuration of a file written by ``save_encoder`` wins where the caller left defaults."""
+    saved_arch = meta.get("arch")
+    if arch is not None and saved_arch and arch.split(".")[0] != saved_arch.split(".")[0]:
+        raise WeightsError(f"{label} holds a {saved_arch} encoder, not {arch}")
+    saved_pool = meta.get("pool", pool)
+    if pool not in ("simpool", saved_pool):
+        raise WeightsError(f"{label} holds an encoder with {saved_pool!r} pooling, not {pool!r}")
+    if gamma is None:
+        gamma = meta.get("gamma")
+    elif meta.get("gamma") != gamma:
+        warnings.warn(f"{label} was saved with gamma={meta.get('gamma')}; using gamma={gamma}", stacklevel=3)
+    merged_pool = {**dict(meta.get("pool_kwargs") or {}), **pool_kwargs}
+    merged_timm = {**dict(meta.get("trunk_kwargs") or {}), **timm_kwargs}
+    return saved_arch or arch, saved_pool, gamma, merged_pool, merged_timm
+
+
+def save_encoder(encoder: Encoder, path: Union[str, Path], extra: Optional[Dict[str, Any]] = None) -> Path:
+    """Write ``encoder`` (configuration + weights) to ``path`` atomically; ``.safetensors`` or torch format.
+
+    The file loads back with ``create_encoder(None, weights=path)`` or ``load_encoder(path)``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {**{k: v for k, v in encoder.config.items() if k != "weights"}, "data_config": _plain(encoder.data_config),
+            "fingerprint": encoder.fingerprint, **(extra or {})}
+    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(tmp), metadata={SIMRET_FORMAT_KEY: json.dumps(meta)})
+    else:
+        torch.save({SIMRET_FORMAT_KEY: meta, "state_dict": state}, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def _plain(config: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if _jsonable(v)}
+
+
+def load_encoder(path: Union[str, Path], **overrides: Any) -> Encoder:
+    """Load an encoder written by ``save_encoder`` (architecture and pooling come from the file)."""
+    return create_encoder(overrides.pop("arch", None), weights=Path(path), **overrides)

@@ -1,0 +1,182 @@
+"""SimPool against a straightforward per-token reference, and the properties the official module lacks."""
+import math
+
+import pytest
+import torch
+
+from simret.models import SimPool
+
+
+@torch.no_grad()
+def reference_simpool(pool: SimPool, tokens: torch.Tensor):
+    """One image, loops over tokens: tokens (N, C) → (pooled (C,), attention (h, N)). Float64 throughout."""
+    tokens = tokens.double()
+    num_tokens, width = tokens.shape
+    heads, head_dim = pool.num_heads, width // pool.num_heads
+    ln_w, ln_b = pool.norm_patches.weight.double(), pool.norm_patches.bias.double()
+    wq, wk = pool.wq.weight.double(), pool.wk.weight.double()
+    bq = pool.wq.bias.double() if pool.wq.bias is not None else torch.zeros(width, dtype=torch.float64)
+    bk = pool.wk.bias.double() if pool.wk.bias is not None else torch.zeros(width, dtype=torch.float64)
+    query = sum(tokens[n] for n in range(num_tokens)) / num_tokens
+    normed = []
+    for n in range(num_tokens):
+        mean = tokens[n].mean()
+        var = ((tokens[n] - mean) ** 2).mean()
+        normed.append((tokens[n] - mean) / math.sqrt(var + 1e-6) * ln_w + ln_b)
+    q = wq @ query + bq
+    keys = [wk @ v + bk for v in normed]
+    shift = min(float(v.min()) for v in normed)
+    pooled = torch.zeros(width, dtype=torch.float64)
+    attention = torch.zeros(heads, num_tokens, dtype=torch.float64)
+    for h in range(heads):
+        part = slice(h * head_dim, (h + 1) * head_dim)
+        scores = [float(q[part] @ keys[n][part]) * pool.scale for n in range(num_tokens)]
+        top = max(scores)
+        exps = [math.exp(s - top) for s in scores]
+        weights = [e / sum(exps) for e in exps]
+        attention[h] = torch.tensor(weights, dtype=torch.float64)
+        if pool.gamma is None:
+            pooled[part] = sum(weights[n] * normed[n][part] for n in range(num_tokens))
+        else:
+            acc = sum(weights[n] * (normed[n][part] - shift + 1e-6) ** pool.gamma for n in range(num_tokens))
+            pooled[part] = acc ** (1.0 / pool.gamma)
+            if pool.use_beta:
+                pooled[part] += float(pool.beta)
+    return pooled, attention
+
+
+def make_pool(dim=16, **kwargs):
+    torch.manual_seed(0)
+    pool = SimPool(dim, **kwargs)
+    with torch.no_grad():  # non-trivial norm and bias so that every term is exercised
+        pool.norm_patches.weight.uniform_(0.5, 1.5)
+        pool.norm_patches.bias.uniform_(-0.2, 0.2)
+        for layer in (pool.wq, pool.wk):
+            if layer.bias is not None:
+                layer.bias.uniform_(-0.5, 0.5)
+        if hasattr(pool, "beta"):
+            pool.beta.fill_(0.3)
+    return pool
+
+
+CASES = [
+    dict(),
+    dict(num_heads=4),
+    dict(qkv_bias=True),
+    dict(gamma=2.0),
+    dict(gamma=1.25, use_beta=True),
+    dict(gamma=2.0, num_heads=2, qkv_bias=True),
+    dict(qk_scale=0.05, gamma=3.0),
+]
+
+
+@pytest.mark.parametrize("kwargs", CASES, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()) or "default")
+@pytest.mark.parametrize("layout", ["cnn", "vit"])
+def test_matches_per_token_reference(kwargs, layout):
+    pool = make_pool(16, **kwargs)
+    torch.manual_seed(1)
+    if layout == "cnn":
+        x = torch.randn(3, 16, 3, 4)
+        tokens = x.flatten(2).transpose(1, 2)
+    else:
+        x = torch.randn(3, 12, 16)
+        tokens = x
+    pooled, attn = pool(x, return_attention=True)
+    assert pooled.shape == (3, 16)
+    assert attn.shape == (3, pool.num_heads, 12)
+    for i in range(3):
+        expected, expected_attn = reference_simpool(pool, tokens[i])
+        torch.testing.assert_close(pooled[i].double(), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(attn[i].double(), expected_attn, rtol=1e-5, atol=1e-6)
+
+
+def test_float64_matches_reference_tightly():
+    pool = make_pool(8, gamma=2.0, use_beta=True, qkv_bias=True).double()
+    x = torch.randn(2, 8, 2, 3, dtype=torch.float64)
+    out = pool(x)
+    assert out.dtype == torch.float64
+    for i in range(2):
+        expected, _ = reference_simpool(pool, x[i].flatten(1).T)
+        torch.testing.assert_close(out[i], expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("gamma", [None, 2.0])
+def test_each_image_is_independent_of_its_batch(gamma):
+    pool = make_pool(16, gamma=gamma, num_heads=2)
+    torch.manual_seed(2)
+    image = torch.randn(1, 16, 4, 4)
+    neighbour = torch.randn(1, 16, 4, 4) * 50 - 100  # a wildly different neighbour (much lower minimum)
+    alone = pool(image)
+    together = pool(torch.cat([image, neighbour, image * 0.1]))
+    torch.testing.assert_close(together[:1], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_of_one_keeps_batch_dimension():
+    pool = make_pool(16, gamma=2.0)
+    assert pool(torch.randn(1, 16, 2, 2)).shape == (1, 16)
+    assert pool(torch.randn(1, 5, 16)).shape == (1, 16)
+    assert pool(torch.randn(1, 16, 1, 1)).shape == (1, 16)
+
+
+def test_multi_head_gamma_returns_flat_descriptor():
+    pool = make_pool(32, num_heads=4, gamma=2.0, use_beta=True)
+    pooled, attn = pool(torch.randn(5, 32, 3, 3), return_attention=True)
+    assert pooled.shape == (5, 32)
+    assert attn.shape == (5, 4, 9)
+
+
+@pytest.mark.parametrize("kwargs", CASES[:5])
+def test_attention_rows_sum_to_one(kwargs):
+    pool = make_pool(16, **kwargs)
+    attn = pool.attention(torch.randn(4, 16, 5, 3))
+    assert attn.shape == (4, pool.num_heads, 15)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(4, pool.num_heads))
+    assert (attn >= 0).all()
+
+
+def test_parameter_names_match_official_module():
+    assert set(SimPool(8).state_dict()) == {"norm_patches.weight", "norm_patches.bias", "wq.weight", "wk.weight"}
+    assert set(SimPool(8, qkv_bias=True, gamma=2.0).state_dict()) == {
+        "norm_patches.weight", "norm_patches.bias", "wq.weight", "wq.bias", "wk.weight", "wk.bias"}
+    beta_pool = SimPool(8, gamma=1.25, use_beta=True)
+    assert "beta" in beta_pool.state_dict() and beta_pool.beta.shape == (1,)
+    assert "beta" not in SimPool(8, use_beta=True).state_dict()  # as the official module: beta needs gamma
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(dtype):
+    pool = make_pool(16, gamma=2.0)
+    x = torch.randn(2, 16, 3, 3)
+    out = pool(x.to(dtype))
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), pool(x.to(dtype).float()), rtol=1e-2, atol=1e-2)
+
+
+def test_half_precision_module():
+    pool = make_pool(16, gamma=2.0).to(torch.bfloat16)
+    x = torch.randn(2, 16, 3, 3, dtype=torch.bfloat16)
+    out = pool(x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_gradients_reach_every_parameter():
+    pool = make_pool(16, gamma=2.0, use_beta=True, qkv_bias=True)
+    x = torch.randn(2, 16, 3, 3, requires_grad=True)
+    pool(x).square().sum().backward()
+    for name, param in pool.named_parameters():
+        if name == "wk.bias":  # the key bias adds the same score to every token: no effect on softmax
+            continue
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_bad_inputs_raise_clearly():
+    with pytest.raises(ValueError, match="divisible"):
+        SimPool(10, num_heads=3)
+    with pytest.raises(ValueError, match="gamma"):
+        SimPool(8, gamma=0.0)
+    pool = SimPool(8)
+    with pytest.raises(ValueError, match="width 6"):
+        pool(torch.randn(2, 6, 3, 3))
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        pool(torch.randn(2, 8))
