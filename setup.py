@@ -28,6 +28,7 @@ setup(
         "tqdm>=4.64",
         "pillow>=9.4",
         "safetensors>=0.4",
+        "scikit-image>=0.21",  # ships the real photographs of the embedded demo/test data
     ],
     extras_require={
         # faiss with CUDA kernels (replaces faiss-cpu at import time when both are present)

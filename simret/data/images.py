@@ -1,0 +1,244 @@
+"""Safe image loading, resizing and cropping, and an ``ImageList`` dataset that never dies on a bad file.
+
+Conventions:
+* images are RGB PIL images until they become ``(3, H, W)`` float tensors normalised with the encoder's
+  ``data_config`` mean/std;
+* boxes are ``(x1, y1, x2, y2)`` in pixels of the original image (the Revisited Oxford/Paris ``bbx``);
+* retrieval resizing follows cirtorch: the long side becomes ``max_size`` (never upscaled unless asked),
+  the aspect ratio is kept.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+MAX_PIXELS = 20_000 * 20_000  # decompression-bomb guard: larger images are refused, not decoded
+Box = Tuple[float, float, float, float]
+PathLike = Union[str, os.PathLike]
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey picture
+
+
+class ImageReadError(OSError):
+    """An image that cannot be used; ``reason`` says why in a few words (for ``skipped.tsv``)."""
+
+    def __init__(self, path: PathLike, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def is_image_file(path: PathLike) -> bool:
+    return str(path).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_images(source: PathLike, *, recursive: bool = True) -> Tuple[Path, List[str]]:
+    """The images named by ``source``: ``(root, ids)`` with ids relative to root, sorted, POSIX style.
+
+    ``source`` is a folder (searched recursively for image extensions, hidden entries skipped) or a text
+    file with one path per line (relative paths are taken relative to the file's folder; blank lines and
+    ``#`` comments are ignored; the paths are kept whatever their extension).
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist, or a listed file is missing.
+        ValueError: the folder holds no images.
+    """
+    source = Path(source).expanduser()
+    if not source.exists():
+        raise FileNotFoundError(f"no such folder or list file: {source}")
+    if source.is_file():
+        root = source.parent.resolve()
+        ids: List[str] = []
+        for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            path = Path(line).expanduser()
+            path = path if path.is_absolute() else root / path
+            if not path.exists():
+                raise FileNotFoundError(f"{source}:{number}: listed image does not exist: {path}")
+            ids.append(_relative_id(path.resolve(), root))
+        if not ids:
+            raise ValueError(f"{source} lists no images")
+        return root, ids
+    root = source.resolve()
+    found = []
+    walker = os.walk(root) if recursive else [(str(root), [], os.listdir(root))]
+    for folder, dirs, files in walker:
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            if not name.startswith(".") and is_image_file(name):
+                found.append(Path(folder, name).relative_to(root).as_posix())
+    if not found:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS[:5])} …) found under {root}")
+    return root, sorted(found)
+
+
+def _relative_id(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()  # outside the root: keep the absolute path as the id
+
+
+def load_image(path: PathLike) -> Image.Image:
+    """Open ``path`` as an RGB image, EXIF orientation applied.
+
+    Raises:
+        ImageReadError: missing, not an image, truncated/corrupt, or absurdly large (with the reason).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(path, "file not found" if not path.exists() else "not a file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as handle:
+                if handle.width * handle.height > MAX_PIXELS:
+                    raise ImageReadError(path, f"too large ({handle.width}x{handle.height} pixels)")
+                handle.load()
+                image = ImageOps.exif_transpose(handle)
+                return image.convert("RGB")
+    except ImageReadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageReadError(path, "not an image (unrecognised format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageReadError(path, "too large (decompression bomb guard)") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        reason = str(err).split("\n")[0] or type(err).__name__
+        if "truncated" in reason.lower() or "broken data stream" in reason.lower():
+            reason = f"truncated or corrupt ({reason})"
+        raise ImageReadError(path, reason) from None
+
+
+def crop_box(image: Image.Image, box: Optional[Sequence[float]]) -> Image.Image:
+    """Crop to ``(x1, y1, x2, y2)`` (clipped to the image, rounded as revisitop does); None keeps all.
+
+    Raises:
+        ValueError: the box is empty after clipping.
+    """
+    if box is None:
+        return image
+    x1, y1, x2, y2 = (float(v) for v in box)
+    left, top = max(0, int(round(x1))), max(0, int(round(y1)))
+    right, bottom = min(image.width, int(round(x2))), min(image.height, int(round(y2)))
+    if right <= left or bottom <= top:
+        raise ValueError(f"empty crop box {tuple(box)} for an image of {image.width}x{image.height}")
+    return image.crop((left, top, right, bottom))
+
+
+def resize_long_side(image: Image.Image, max_size: Optional[int], *, upscale: bool = False) -> Image.Image:
+    """Resize so the long side is ``max_size`` (aspect kept; smaller images kept unless ``upscale``)."""
+    if not max_size:
+        return image
+    long_side = max(image.size)
+    if long_side == max_size or (long_side < max_size and not upscale):
+        return image
+    ratio = max_size / long_side
+    size = (max(1, round(image.width * ratio)), max(1, round(image.height * ratio)))
+    return image.resize(size, Image.BICUBIC if ratio > 1 else Image.LANCZOS)
+
+
+def to_tensor(image: Image.Image, mean: Sequence[float], std: Sequence[float]):
+    """RGB PIL image → normalised float tensor ``(3, H, W)``."""
+    import numpy as np
+    import torch
+
+    array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
+    tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (tensor - mean_t) / std_t
+
+
+@dataclass(frozen=True)
+class RetrievalTransform:
+    """Retrieval preprocessing: optional box crop, long side to ``max_size``, normalise. Picklable."""
+
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    max_size: Optional[int] = 1024
+    upscale: bool = False
+
+    def __call__(self, image: Image.Image, box: Optional[Sequence[float]] = None):
+        image = resize_long_side(crop_box(image, box), self.max_size, upscale=self.upscale)
+        return to_tensor(image, self.mean, self.std)
+
+
+def classification_transform(data_config: Dict[str, Any], *, train: bool = False, **overrides: Any) -> Callable:
+    """timm's eval (resize + centre crop) or train (random resized crop, flips, …) transform for a config."""
+    from timm.data import create_transform
+
+    config = {k: data_config[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+              if k in data_config}
+    config.update(overrides)
+    return create_transform(**config, is_training=train)
+
+
+@dataclass
+class Failed:
+    """What a dataset item becomes when its image cannot be read."""
+
+    index: int
+    path: str
+    reason: str
+
+
+class ImageList:
+    """A torch ``Dataset`` over image paths: item ``i`` → ``(tensor, i)`` or ``Failed(i, path, reason)``.
+
+    A bad file never stops a DataLoader: it comes out as ``Failed`` and ``collate_skip_failed`` sets it
+    aside. ``boxes`` (optional, one per image, None for whole images) crop before the transform.
+    """
+
+    def __init__(self, root: PathLike, ids: Sequence[str], transform: Callable,
+                 boxes: Optional[Sequence[Optional[Sequence[float]]]] = None) -> None:
+        if boxes is not None and len(boxes) != len(ids):
+            raise ValueError(f"{len(boxes)} boxes for {len(ids)} images")
+        self.root = Path(root)
+        self.ids = list(ids)
+        self.transform = transform
+        self.boxes = list(boxes) if boxes is not None else None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def path(self, index: int) -> Path:
+        image_id = self.ids[index]
+        return Path(image_id) if os.path.isabs(image_id) else self.root / image_id
+
+    def __getitem__(self, index: int):
+        path = self.path(index)
+        try:
+            image = load_image(path)
+            box = self.boxes[index] if self.boxes is not None else None
+            if box is not None:
+                return self.transform(image, box), index
+            return self.transform(image), index
+        except ImageReadError as err:
+            return Failed(index, self.ids[index], err.reason)
+        except ValueError as err:  # e.g. an empty crop box
+            return Failed(index, self.ids[index], str(err))
+
+
+def collate_skip_failed(items: List[Any]):
+    """Collate ``(tensor, index)`` items of equal size; ``Failed`` ones go to the third element.
+
+    Returns ``(images (B, 3, H, W) or None, indices (B,) int64, failures [Failed])``.
+    """
+    import torch
+
+    good = [item for item in items if not isinstance(item, Failed)]
+    failed = [item for item in items if isinstance(item, Failed)]
+    if not good:
+        return None, torch.zeros(0, dtype=torch.int64), failed
+    images = torch.stack([tensor for tensor, _ in good])
+    indices = torch.tensor([index for _, index in good], dtype=torch.int64)
+    return images, indices, failed
