@@ -95,6 +95,20 @@ class Encoder(nn.Module):
             self._fingerprint_cache = (version, digest.hexdigest())
         return f"{self.config['arch']}-{self.config['pool']}-{self._fingerprint_cache[1]}"
 
+    def provenance(self) -> Dict[str, Any]:
+        """Attributes stored with everything computed by this encoder (HDF5 attrs, meta.json)."""
+        from simret import __version__
+
+        return {
+            "fingerprint": self.fingerprint,
+            "arch": self.config["arch"],
+            "pool": self.config["pool"],
+            "gamma": "none" if self.config.get("gamma") is None else float(self.config["gamma"]),
+            "weights": str(self.config.get("weights") or "random"),
+            "dim": self.dim,
+            "simret_version": __version__,
+        }
+
     def _identity(self) -> Dict[str, Any]:
         keys = ("arch", "pool", "gamma", "pool_kwargs", "trunk_kwargs")
         return {k: self.config.get(k) for k in keys}

@@ -1,0 +1,15 @@
+"""Atomic writes leave the old file intact when the writer fails."""
+import pytest
+
+from simret.utils.atomic import atomic_path, write_json_atomic
+
+
+def test_success_replaces_and_failure_keeps_previous(tmp_path):
+    target = tmp_path / "out.json"
+    write_json_atomic(target, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as temporary:
+            temporary.write_text("half written")
+            raise RuntimeError("interrupted")
+    assert target.read_text().strip().startswith("{") and '"a": 1' in target.read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
