@@ -1,0 +1,1 @@
+"""Retrieval: descriptor extraction, whitening, HDF5 store, FAISS index, re-ranking, Revisited metrics."""

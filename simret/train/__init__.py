@@ -1,0 +1,1 @@
+"""Fine-tuning encoders with SimPool, single process or torchrun DDP."""
