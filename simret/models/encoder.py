@@ -125,6 +125,9 @@ class Encoder(nn.Module):
         tokens ``(B, N, C)`` for ViTs (all tokens, prefix first, for ``cls`` pooling)."""
         if images.ndim != 4:
             raise ValueError(f"expected images (B, 3, H, W), got shape {tuple(images.shape)}")
+        aligned = self._patch_aligned_size(*images.shape[-2:])
+        if aligned != tuple(images.shape[-2:]):
+            images = torch.nn.functional.interpolate(images, size=aligned, mode="bilinear", align_corners=False)
         features = self.trunk.forward_features(images)
         if features.ndim == 4:
             if getattr(self.trunk, "output_fmt", "NCHW") == "NHWC":
@@ -144,13 +147,23 @@ class Encoder(nn.Module):
 
     def feature_grid(self, images: Tensor) -> Tuple[int, int]:
         """``(h, w)`` of the feature grid the pooling attends over for images of this size."""
-        height, width = images.shape[-2:]
+        height, width = self._patch_aligned_size(*images.shape[-2:])
         embed = getattr(self.trunk, "patch_embed", None)
         if embed is not None:
             if hasattr(embed, "dynamic_feat_size") and getattr(self.trunk, "dynamic_img_size", False):
                 return tuple(embed.dynamic_feat_size((height, width)))
             return tuple(embed.grid_size)
         raise RuntimeError("feature_grid is only needed for token trunks")
+
+    def _patch_aligned_size(self, height: int, width: int) -> Tuple[int, int]:
+        """ViTs with dynamic input size need sides that are multiples of the patch size: the nearest ones."""
+        embed = getattr(self.trunk, "patch_embed", None)
+        if embed is None or not getattr(self.trunk, "dynamic_img_size", False):
+            return int(height), int(width)
+        if getattr(embed, "dynamic_img_pad", False):
+            return int(height), int(width)
+        patch_h, patch_w = embed.patch_size
+        return (max(patch_h, int(round(height / patch_h)) * patch_h), max(patch_w, int(round(width / patch_w)) * patch_w))
 
     def attention(self, images: Tensor) -> Tensor:
         """SimPool attention maps: images ``(B, 3, H, W)`` → ``(B, h, w)`` (heads averaged; rows sum to 1)."""
