@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import warnings
 from pathlib import Path
@@ -401,7 +402,8 @@ def create_encoder(
         "seed": seed,
     }
     encoder = Encoder(trunk, pooling, config, data_config)
-    log.debug("encoder %s (%s), dim %d", encoder.fingerprint, label, encoder.dim)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("encoder %s (%s), dim %d", encoder.fingerprint, label, encoder.dim)
     return encoder.eval()
 
 
