@@ -322,3 +322,11 @@ def test_cli_trains_and_says_how_to_use_the_result(digits, tmp_path):
     assert too_big.exit_code == 1 and "fewer than one batch" in too_big.output
     help_text = CliRunner().invoke(cli, ["train", "--help"]).output
     assert "torchrun --nproc_per_node" in help_text and "--freeze-trunk" in help_text
+
+
+def test_head_runs_in_float32_under_autocast():
+    encoder = create_encoder("test_resnet")
+    model = Classifier(encoder, create_head("arcface", encoder.dim, 3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, logits = model(torch.randn(2, 3, 32, 32), torch.tensor([0, 2]))
+    assert loss.dtype == logits.dtype == torch.float32 and logits.shape == (2, 3)

@@ -59,7 +59,8 @@ def train(ctx: click.Context, data: str, out: str, split: Optional[str], model_s
       simret train photos/ --out ckpt/ --model resnet50 --gamma 2.0 --weights timm --freeze-trunk
       simret train ~/data/miniimagenet --split train --out ckpt/ --model resnet18 --weights none \\
           --img-size 84 --epochs 90 --lr 1e-3 --batch-size 128 --amp
-      simret train photos/ --out ckpt/ --model resnet50 --gamma 2.0 --resume   # continue after a stop
+      simret train photos/ --out ckpt/ --model resnet50 --gamma 2.0 --weights timm --freeze-trunk --resume
+                                          # after a stop: the same command plus --resume
       torchrun --nproc_per_node=4 -m simret train photos/ --out ckpt/ --model resnet50 --batch-size 256
 
     \b
@@ -70,8 +71,9 @@ def train(ctx: click.Context, data: str, out: str, split: Optional[str], model_s
       log.jsonl            one line per epoch: loss, accuracy, lr, time
       skipped.tsv          images that could not be read (they are skipped, training goes on)
 
+    \b
     Use the result anywhere an encoder is asked for:
-    simret index PHOTOS --out IDX --weights CKPT_DIR/encoder.safetensors
+      simret index PHOTOS --out IDX --weights CKPT_DIR/encoder.safetensors
     """
     from simret.train.distributed import launched_by_torchrun
     from simret.train.trainer import TrainConfig

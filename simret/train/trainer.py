@@ -157,6 +157,9 @@ class Classifier(nn.Module):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         features = self.encoder(images)
+        if features.device.type in ("cuda", "cpu"):  # the head and its loss in float32, even under autocast
+            with torch.autocast(device_type=features.device.type, enabled=False):
+                return self.head.loss(features.float(), labels)
         return self.head.loss(features.float(), labels)
 
 
