@@ -63,6 +63,26 @@ def test_helpers_answer_for_a_single_process_outside_torchrun(monkeypatch):
     assert not dist_utils.launched_by_torchrun()
 
 
+def test_quiet_unless_main_silences_other_ranks_only(monkeypatch):
+    import logging
+
+    from simret.utils import progress
+
+    logger = logging.getLogger("simret")
+    level, enabled = logger.level, progress.is_enabled()
+    try:
+        for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "1")):
+            monkeypatch.setenv(name, value)
+        logger.setLevel(logging.INFO)
+        assert dist_utils.quiet_unless_main() is False and logger.level == logging.INFO
+        monkeypatch.setenv("RANK", "1")
+        assert dist_utils.quiet_unless_main() is True
+        assert logger.level == logging.WARNING and not progress.is_enabled()
+    finally:
+        logger.setLevel(level)
+        progress.set_enabled(enabled)
+
+
 def _torchrun(args, tmp_path, timeout=300):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "SIMRET_OFFLINE": "1", "SIMRET_PROGRESS": "0", "PYTHONWARNINGS": "ignore"}

@@ -1,7 +1,6 @@
 """``simret train``: fine-tune an encoder (SimPool pooling by default) on labelled images."""
 from __future__ import annotations
 
-import os
 from typing import Any, Dict, Optional
 
 import click
@@ -75,20 +74,19 @@ def train(ctx: click.Context, data: str, out: str, split: Optional[str], model_s
     Use the result anywhere an encoder is asked for:
       simret index PHOTOS --out IDX --weights CKPT_DIR/encoder.safetensors
     """
-    from simret.train.distributed import launched_by_torchrun
+    from simret.train.distributed import quiet_unless_main
     from simret.train.trainer import TrainConfig
     from simret.train.trainer import train as run_training
 
-    if launched_by_torchrun() and os.environ.get("RANK", "0") != "0":
-        _quiet_this_rank()
+    other_rank = quiet_unless_main()
     device = model_spec.get("device") or (getattr(ctx.obj, "device", None) if ctx.obj else None)
     config = TrainConfig(
         data=data, out=out, split=split, arch=model_spec.get("arch"), pool=model_spec.get("pool", "simpool"),
         gamma=model_spec.get("gamma"), weights=model_spec.get("weights"),
         checkpoint_key=model_spec.get("checkpoint_key"), device=device, **options)
     result = run_training(config)
-    if os.environ.get("RANK", "0") != "0" and launched_by_torchrun():
-        return
+    if other_rank:
+        return  # rank 0 reports for the group
     last = result.history[-1] if result.history else None
     if last is not None:
         click.echo(f"trained {result.epochs} epoch(s) on {len(result.classes)} classes: last epoch loss "
@@ -97,13 +95,3 @@ def train(ctx: click.Context, data: str, out: str, split: Optional[str], model_s
     click.echo(f"encoder     {result.encoder_file}  ({result.fingerprint})")
     click.echo(f"use it      simret index PHOTOS --out IDX --weights {result.encoder_file}")
 
-
-def _quiet_this_rank() -> None:
-    """Ranks other than 0 show no progress bars and only warnings; rank 0 speaks for the group."""
-    import logging
-
-    from simret.utils import progress
-    from simret.utils.logs import LOGGER_NAME
-
-    progress.set_enabled(False)
-    logging.getLogger(LOGGER_NAME).setLevel(logging.WARNING)

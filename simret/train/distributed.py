@@ -155,6 +155,21 @@ def init_distributed(device: Optional[str] = None, backend: Optional[str] = None
     return DistributedContext(dist.get_rank(), dist.get_world_size(), local, target, dist.get_backend())
 
 
+def quiet_unless_main() -> bool:
+    """Under ``torchrun``, silence every rank but 0 (no progress bars, warnings only) so the group prints
+    once; call it first thing in a command (it reads ``RANK``, no process group needed). True when silenced."""
+    if not launched_by_torchrun() or os.environ.get("RANK", "0") == "0":
+        return False
+    import logging
+
+    from simret.utils import progress
+    from simret.utils.logs import LOGGER_NAME
+
+    progress.set_enabled(False)
+    logging.getLogger(LOGGER_NAME).setLevel(logging.WARNING)
+    return True
+
+
 def cleanup() -> None:
     """Leave the process group (no-op when not distributed)."""
     if is_distributed():
