@@ -1,1 +1,31 @@
-"""Fine-tuning encoders with SimPool, single process or torchrun DDP."""
+"""Fine-tuning encoders with SimPool, single process or torchrun DDP.
+
+``train(TrainConfig(data, out, ...))`` is what ``simret train`` runs; ``simret.train.distributed`` holds
+the process-group helpers (also for sharded extraction). Importing this package imports nothing heavy;
+the names below load their modules on first use.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "TrainConfig": "simret.train.trainer",
+    "TrainResult": "simret.train.trainer",
+    "train": "simret.train.trainer",
+    "LabelledImages": "simret.train.data",
+    "list_labelled_images": "simret.train.data",
+    "create_head": "simret.train.heads",
+    "LinearHead": "simret.train.heads",
+    "ArcFaceHead": "simret.train.heads",
+    "WarmupCosine": "simret.train.schedule",
+    "load_checkpoint": "simret.train.checkpoint",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'simret.train' has no attribute {name!r}")

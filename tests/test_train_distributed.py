@@ -1,0 +1,184 @@
+"""Distributed helpers, and real ``torchrun --nproc_per_node=2`` runs (gloo, CPU) of training and of the
+sharded-extraction pattern the helpers exist for."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from simret.data.samples import write_fewshot_sample
+from simret.models import create_encoder
+from simret.train import TrainConfig, train
+from simret.train import distributed as dist_utils
+from simret.train.checkpoint import load_checkpoint
+from simret.train.distributed import shard_indices, shard_path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine run far faster on one thread (as torchrun's ranks do)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_shard_indices_are_contiguous_balanced_and_cover_everything():
+    for world in range(1, 6):
+        for n in range(0, 23):
+            parts = [shard_indices(n, r, world) for r in range(world)]
+            assert [i for part in parts for i in part] == list(range(n))
+            sizes = [len(part) for part in parts]
+            assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+    assert shard_indices(5, 0, 2) == range(0, 3) and shard_indices(5, 1, 2) == range(3, 5)
+    with pytest.raises(ValueError, match="rank"):
+        shard_indices(4, 2, 2)
+    with pytest.raises(ValueError, match="world size"):
+        shard_indices(4, 0, 0)
+    assert shard_path("/x/descriptors.h5", 1, 4) == Path("/x/descriptors.rank-1-of-4.h5")
+
+
+def test_helpers_answer_for_a_single_process_outside_torchrun(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    context = dist_utils.init_distributed(device="cpu")
+    assert (context.rank, context.world_size, context.backend, context.distributed) == (0, 1, None, False)
+    assert context.device == torch.device("cpu") and context.is_main
+    assert not dist_utils.is_distributed() and dist_utils.world_size() == 1 and dist_utils.rank() == 0
+    assert dist_utils.is_main_process() and dist_utils.local_rank() == 0
+    assert dist_utils.all_gather_object({"a": 1}) == [{"a": 1}]
+    assert dist_utils.broadcast_object("x") == "x"
+    total = torch.tensor([1.0, 2.0])
+    assert dist_utils.all_reduce_sum(total) is total and total.tolist() == [1.0, 2.0]
+    dist_utils.barrier()
+    with dist_utils.distributed_session("cpu") as session:
+        assert not session.distributed
+    monkeypatch.setenv("RANK", "0")  # an incomplete launcher environment is not torchrun
+    assert not dist_utils.launched_by_torchrun()
+
+
+def test_quiet_unless_main_silences_other_ranks_only(monkeypatch):
+    import logging
+
+    from simret.utils import progress
+
+    logger = logging.getLogger("simret")
+    level, enabled = logger.level, progress.is_enabled()
+    try:
+        for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "1")):
+            monkeypatch.setenv(name, value)
+        logger.setLevel(logging.INFO)
+        assert dist_utils.quiet_unless_main() is False and logger.level == logging.INFO
+        monkeypatch.setenv("RANK", "1")
+        assert dist_utils.quiet_unless_main() is True
+        assert logger.level == logging.WARNING and not progress.is_enabled()
+    finally:
+        logger.setLevel(level)
+        progress.set_enabled(enabled)
+
+
+def _torchrun(args, tmp_path, timeout=300):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "SIMRET_OFFLINE": "1", "SIMRET_PROGRESS": "0", "PYTHONWARNINGS": "ignore"}
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", *args]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return done
+
+
+@pytest.mark.slow
+def test_torchrun_training_matches_one_process(tmp_path):
+    """2 ranks × 4 images per step == 1 process × 8 (frozen trunk: no BatchNorm statistics involved)."""
+    data = tmp_path / "digits"
+    write_fewshot_sample(data, per_class=8)
+    options = ["--split", "train", "--model", "test_resnet", "--weights", "none", "--img-size", "32", "--epochs",
+               "2", "--batch-size", "8", "--workers", "0", "--freeze-trunk", "--no-augment", "--device", "cpu"]
+    done = _torchrun(["-m", "simret", "train", str(data), "--out", str(tmp_path / "ddp"), *options], tmp_path)
+    assert "batch 8 (4 per rank × 2)" in done.stderr and done.stdout.count("trained 2 epoch(s)") == 1
+
+    single = train(TrainConfig(data=str(data), out=str(tmp_path / "one"), split="train", arch="test_resnet",
+                               weights=None, img_size=32, epochs=2, batch_size=8, workers=0, freeze_trunk=True,
+                               augment=False, device="cpu"), show_progress=False)
+    ddp, one = load_checkpoint(tmp_path / "ddp" / "last.pth"), load_checkpoint(tmp_path / "one" / "last.pth")
+    assert ddp["world_size"] == 2 and len(ddp["rng"]) == 2 and ddp["step"] == one["step"] == 10
+    for part in ("state_dict", "head"):
+        for key, value in one[part].items():
+            assert torch.allclose(ddp[part][key].float(), value.float(), atol=1e-6), (part, key)
+    trained_pool = [k for k in one["state_dict"] if k.startswith("pool.")]
+    initial = create_encoder("test_resnet").state_dict()
+    assert any(not torch.allclose(one["state_dict"][k], initial[k]) for k in trained_pool)  # it did train
+    assert all(torch.equal(one["state_dict"][k], initial[k]) for k in one["state_dict"] if k.startswith("trunk."))
+    encoder = create_encoder(None, weights=tmp_path / "ddp" / "encoder.safetensors")
+    assert encoder.fingerprint == create_encoder(None, weights=tmp_path / "ddp" / "last.pth").fingerprint
+    assert abs(single.history[-1]["loss"] - load_log_loss(tmp_path / "ddp")) < 1e-5
+    assert not list((tmp_path / "ddp").glob(".*.tmp"))  # no temporary files left behind
+
+
+def load_log_loss(folder):
+    import json
+
+    return json.loads((folder / "log.jsonl").read_text().splitlines()[-1])["loss"]
+
+
+EXTRACT = textwrap.dedent('''
+    """Sharded extraction with simret.train.distributed: each rank writes its shard, rank 0 merges."""
+    import sys
+    import numpy as np
+    import torch
+    from simret.data.images import ImageList, RetrievalTransform, list_images
+    from simret.models import create_encoder
+    from simret.train.distributed import (all_gather_object, barrier, distributed_session, is_main_process,
+                                          shard_indices, shard_path)
+
+    weights, folder, out = sys.argv[1:4]
+    with distributed_session(device="cpu") as ctx:
+        encoder = create_encoder(None, weights=weights)
+        root, ids = list_images(folder)
+        part = shard_indices(len(ids), ctx.rank, ctx.world_size)
+        config = encoder.data_config
+        images = ImageList(root, ids[part.start:part.stop], RetrievalTransform(config["mean"], config["std"], 32))
+        with torch.no_grad():
+            rows = [encoder(images[i][0][None])[0].numpy() for i in range(len(images))]
+        np.save(shard_path(out, ctx.rank, ctx.world_size), np.stack(rows))
+        counts = all_gather_object(len(rows))
+        barrier()
+        if is_main_process():
+            shards = [np.load(shard_path(out, r, ctx.world_size)) for r in range(ctx.world_size)]
+            np.save(out, np.concatenate(shards))
+            print("MERGED", counts, ctx.backend, ctx.world_size)
+        barrier()
+''')
+
+
+@pytest.mark.slow
+def test_torchrun_sharded_extraction_merges_to_the_single_process_descriptors(tmp_path):
+    data = tmp_path / "digits"
+    write_fewshot_sample(data, per_class=7)  # 35 test images: shards of 18 and 17
+    encoder = create_encoder("test_resnet", gamma=2.0)
+    weights = tmp_path / "encoder.safetensors"
+    from simret.models import save_encoder
+
+    save_encoder(encoder, weights)
+    (tmp_path / "extract.py").write_text(EXTRACT)
+    done = _torchrun([str(tmp_path / "extract.py"), str(weights), str(data / "test"), str(tmp_path / "d.npy")],
+                     tmp_path)
+    assert "MERGED [18, 17] gloo 2" in done.stdout
+    merged = np.load(tmp_path / "d.npy")
+
+    from simret.data.images import ImageList, RetrievalTransform, list_images
+
+    root, ids = list_images(data / "test")
+    config = encoder.data_config
+    images = ImageList(root, ids, RetrievalTransform(config["mean"], config["std"], 32))
+    with torch.no_grad():
+        expected = torch.cat([encoder(images[i][0][None]) for i in range(len(images))]).numpy()
+    assert merged.shape == (35, encoder.dim)
+    np.testing.assert_allclose(merged, expected, rtol=1e-5, atol=1e-6)
