@@ -5,6 +5,9 @@ import warnings
 os.environ.setdefault("SIMRET_OFFLINE", "1")  # nothing in the tests may reach the network
 os.environ.setdefault("SIMRET_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# tiny models: one thread is fastest and avoids oversubscription when tests spawn worker processes
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 

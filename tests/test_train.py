@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from simret.data.samples import write_fewshot_sample
-from simret.models import RandomWeightsWarning, create_encoder, save_encoder
+from simret.models import RandomWeightsWarning, create_encoder, encoder_metadata, save_encoder
 from simret.models.checkpoints import read_checkpoint
 from simret.train import TrainConfig, train
-from simret.train.checkpoint import encoder_metadata, load_checkpoint
+from simret.train.checkpoint import load_checkpoint
 from simret.train.data import list_labelled_images
 from simret.train.heads import ArcFaceHead, LinearHead, create_head
 from simret.train.schedule import WarmupCosine, warmup_cosine

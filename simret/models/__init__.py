@@ -6,7 +6,14 @@ from simret.models.checkpoints import (
     WeightsUnavailableError,
     list_official_checkpoints,
 )
-from simret.models.encoder import Encoder, RandomWeightsWarning, create_encoder, load_encoder, save_encoder
+from simret.models.encoder import (
+    Encoder,
+    RandomWeightsWarning,
+    create_encoder,
+    encoder_metadata,
+    load_encoder,
+    save_encoder,
+)
 from simret.models.pooling import (
     AvgPool,
     ClsPool,
@@ -20,7 +27,7 @@ from simret.models.simpool import SimPool
 
 __all__ = [
     "SimPool", "AvgPool", "MaxPool", "GeMPool", "ClsPool", "create_pool", "list_pools", "register_pool",
-    "Encoder", "create_encoder", "load_encoder", "save_encoder", "RandomWeightsWarning",
+    "Encoder", "create_encoder", "load_encoder", "save_encoder", "encoder_metadata", "RandomWeightsWarning",
     "WeightsError", "WeightsNotFoundError", "WeightsUnavailableError", "OFFICIAL_CHECKPOINTS",
     "list_official_checkpoints",
 ]

@@ -6,8 +6,8 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 import json
+import logging
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
@@ -29,6 +29,7 @@ from simret.models.checkpoints import (
     unwrap_state_dict,
 )
 from simret.models.pooling import create_pool, pool_uses_prefix_tokens
+from simret.utils.atomic import atomic_path
 from simret.utils.logs import get_logger
 
 log = get_logger(__name__)
@@ -95,6 +96,13 @@ class Encoder(nn.Module):
                 digest.update(data.numpy().tobytes() if data.numel() else b"")
             self._fingerprint_cache = (version, digest.hexdigest())
         return f"{self.config['arch']}-{self.config['pool']}-{self._fingerprint_cache[1]}"
+
+    def set_data_config(self, **overrides: Any) -> Dict[str, Any]:
+        """Override preprocessing settings (e.g. ``input_size=(3, 84, 84)``); saved with the encoder."""
+        config = self.data_config
+        config.update({k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+        self._data_config = config
+        return dict(config)
 
     def provenance(self) -> Dict[str, Any]:
         """Attributes stored with everything computed by this encoder (HDF5 attrs, meta.json)."""
@@ -439,23 +447,26 @@ def save_encoder(encoder: Encoder, path: Union[str, Path], extra: Optional[Dict[
     The file loads back with ``create_encoder(None, weights=path)`` or ``load_encoder(path)``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {**{k: v for k, v in encoder.config.items() if k != "weights"}, "data_config": _plain(encoder.data_config),
-            "fingerprint": encoder.fingerprint, **(extra or {})}
+    meta = {**encoder_metadata(encoder), **(extra or {})}
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+    with atomic_path(path) as temporary:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
 
-        save_file(state, str(tmp), metadata={SIMRET_FORMAT_KEY: json.dumps(meta)})
-    else:
-        torch.save({SIMRET_FORMAT_KEY: meta, "state_dict": state}, str(tmp))
-    tmp.replace(path)
+            save_file(state, str(temporary), metadata={SIMRET_FORMAT_KEY: json.dumps(meta)})
+        else:
+            torch.save({SIMRET_FORMAT_KEY: meta, "state_dict": state}, str(temporary))
     return path
 
 
-def _plain(config: Dict[str, Any]) -> Dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if _jsonable(v)}
+def encoder_metadata(encoder: Encoder) -> Dict[str, Any]:
+    """The ``simret_encoder`` entry of saved files: configuration (weights source aside), data_config and
+    fingerprint, as plain JSON values. ``create_encoder(None, weights=FILE)`` rebuilds the encoder from it."""
+    meta = {k: v for k, v in encoder.config.items() if k != "weights"}
+    meta["data_config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in encoder.data_config.items()
+                           if _jsonable(v)}
+    meta["fingerprint"] = encoder.fingerprint
+    return json.loads(json.dumps(meta))
 
 
 def load_encoder(path: Union[str, Path], **overrides: Any) -> Encoder:

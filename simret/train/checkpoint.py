@@ -37,21 +37,6 @@ LOG_FILE = "log.jsonl"
 SKIPPED_FILE = "skipped.tsv"
 
 
-def encoder_metadata(encoder: Any) -> Dict[str, Any]:
-    """The ``simret_encoder`` entry ``save_encoder`` writes: configuration (weights source aside),
-    data_config and fingerprint, as plain JSON values."""
-    meta = {k: v for k, v in encoder.config.items() if k != "weights"}
-    meta["data_config"] = encoder.data_config
-    meta["fingerprint"] = encoder.fingerprint
-    return json.loads(json.dumps(meta, default=_plain_value))
-
-
-def _plain_value(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return list(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
 # ------------------------------------------------------------------------------------------- RNG
 
 
@@ -98,14 +83,6 @@ def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> Path:
     """Write ``state`` to ``path`` atomically (temporary file + rename: a crash never leaves half a file)."""
     with atomic_path(path) as temporary:
         torch.save(state, str(temporary))
-    return usual_permissions(path)
-
-
-def usual_permissions(path: PathLike) -> Path:
-    """Give ``path`` the mode a plain ``open()`` would have (temporary files start private, 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
     return Path(path)
 
 
@@ -160,4 +137,4 @@ def append_log(checkpoint_dir: PathLike, record: Dict[str, Any]) -> None:
     rewrites what an interrupted one logged after its last checkpoint). Written atomically."""
     kept = [r for r in read_log(checkpoint_dir) if int(r.get("epoch", 0)) < int(record["epoch"])]
     lines = [json.dumps(r, sort_keys=True) for r in [*kept, record]]
-    usual_permissions(write_text_atomic(Path(checkpoint_dir) / LOG_FILE, "\n".join(lines) + "\n"))
+    write_text_atomic(Path(checkpoint_dir) / LOG_FILE, "\n".join(lines) + "\n")

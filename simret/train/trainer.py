@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from simret.models.encoder import encoder_metadata
 from simret.train.checkpoint import (
     ENCODER_FILE,
     LAST,
@@ -28,13 +29,11 @@ from simret.train.checkpoint import (
     SKIPPED_FILE,
     append_log,
     capture_rng,
-    encoder_metadata,
     keep_epoch_copy,
     load_checkpoint,
     restore_rng,
     save_checkpoint,
     seed_everything,
-    usual_permissions,
 )
 from simret.train.data import LabelledImages, describe, list_labelled_images
 from simret.train.distributed import (
@@ -311,7 +310,6 @@ class _Run:
                 "epochs": config.epochs, "loss": config.loss, "classes": len(data.classes),
                 "freeze_trunk": config.freeze_trunk, "data": str(Path(config.data).expanduser().resolve()),
                 "split": config.split}})
-            usual_permissions(encoder_file)
         barrier()
         return TrainResult(self.last, encoder_file, config.epochs, list(data.classes), history, encoder.fingerprint)
 
@@ -352,9 +350,8 @@ class _Run:
             encoder = create_encoder(arch, pool=config.pool, gamma=config.gamma, weights=config.weights,
                                      checkpoint_key=config.checkpoint_key, seed=config.seed)
         if config.img_size:
-            data_config = encoder.data_config
-            data_config["input_size"] = (3, config.img_size, config.img_size)
-            encoder._data_config = data_config  # saved with the encoder: later use preprocesses alike
+            # saved with the encoder: later use preprocesses alike
+            encoder.set_data_config(input_size=(3, config.img_size, config.img_size))
         return encoder
 
     def _loader(self, data: LabelledImages, encoder):
@@ -570,7 +567,7 @@ class _Run:
                         previous[key] = reason
             previous.update(merged)
             rows = "".join(f"{key}\t{reason}\n" for key, reason in sorted(previous.items()))
-            usual_permissions(write_text_atomic(path, "path\treason\n" + rows))
+            write_text_atomic(path, "path\treason\n" + rows)
 
 
 def _flag(key: str) -> str:
