@@ -236,7 +236,10 @@ def test_scores_path_places_nan_positives_last():
                 reference_map(np.array([[3, 3], [0, 1], [2, 0], [1, 4], [4, 2]]), gnd, [1, 5]))
 
 
-def test_ranks_path_across_blocks(tiny_blocks):
+@pytest.mark.parametrize("member_table", [True, False])
+def test_ranks_path_across_blocks(tiny_blocks, monkeypatch, member_table):
+    if not member_table:  # many queries x listed images: binary search instead of a lookup table
+        monkeypatch.setattr(metrics, "MEMBER_TABLE_LIMIT", 0)
     rng = np.random.default_rng(11)
     scores, gnd = random_case(rng, 200, 7, ties=False)
     ranks = np.argsort(-scores, axis=0)

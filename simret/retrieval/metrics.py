@@ -40,8 +40,8 @@ import numpy as np
 
 PROTOCOLS = ("easy", "medium", "hard")
 DEFAULT_KAPPAS = (1, 5, 10)
-BLOCK_ELEMENTS = 1 << 20  # ranks/scores elements handled at a time (bounds temporary memory)
-SCORE_CELLS = 4094  # equal-width score cells per query in the scores path, plus one below and one above
+BLOCK_ELEMENTS = 1 << 18  # ranks/scores elements handled at a time (cache-sized; bounds temporary memory)
+SCORE_CELLS = 4094  # scores path: equal-width cells spanning each query's listed scores (+ margin, below, above)
 QUERY_CHUNK = 256  # queries per pass of the scores path (bounds the per-query cell tables)
 MEMBER_TABLE_LIMIT = 1 << 26  # ranks path: (query, listed image) table up to this size, else binary search
 
