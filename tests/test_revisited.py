@@ -239,3 +239,9 @@ def test_distractor_errors(tmp_path):
     assert load_distractors(tmp_path).ids == ["0/a.jpg", "0/b.jpg"]  # only the first is checked by default
     with pytest.raises(FileNotFoundError, match=r"0/b\.jpg"):
         load_distractors(tmp_path, check_images=True)
+
+
+def test_known_names_are_case_insensitive(sample_root):
+    with pytest.raises(FileNotFoundError, match=r"'roxford5k' not found: no folder .*/roxford5k "):
+        load_revisited(sample_root, "ROxford5k")
+    assert load_distractors(sample_root, "RevisitOP1M").name == "revisitop1m"

@@ -301,7 +301,7 @@ class RevisitedDataset:
 def _dataset_name(name: str) -> str:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise ValueError(f"invalid dataset name {name!r} (expected e.g. {', '.join(DATASETS)})")
-    return name
+    return name.lower() if name.lower() in DATASETS + (DISTRACTORS,) else name  # ROxford5k → roxford5k
 
 
 def _data_root(data_root: PathLike, expected: Path) -> Path:
