@@ -110,15 +110,18 @@ def run(quick: bool = False) -> Section:
             "evaluate": lambda: evaluate_revisited(scores, revisited, KAPPAS),
         }, repeat=repeat, warmup=1)
         shape = f"{n_db:,} x {N_QUERIES}"
+        recorded = not quick  # the targets are for 200k and 1M images, not the smoke-test size
         ratio = medians["loop"] / medians["ranks"]
         section.rows.append(Row(f"compute_map(ranks), {shape} int64 ranks given", medians["ranks"], "s",
                                 baseline="per-query isin loop on the same ranks", baseline_value=medians["loop"],
-                                ratio=ratio, target=f"≥ {RANKS_TARGET:g}x", met=ratio >= RANKS_TARGET))
+                                ratio=ratio, target=f"≥ {RANKS_TARGET:g}x" if recorded else None,
+                                met=ratio >= RANKS_TARGET if recorded else None))
         ratio = medians["argsort+loop"] / medians["scores"]
         section.rows.append(Row(f"compute_map_from_scores, {shape} float32 scores, end-to-end", medians["scores"],
                                 "s", baseline="argsort(-scores, axis=0) + per-query loop",
                                 baseline_value=medians["argsort+loop"], ratio=ratio,
-                                target=f"≥ {SCORES_TARGET:g}x", met=ratio >= SCORES_TARGET))
+                                target=f"≥ {SCORES_TARGET:g}x" if recorded else None,
+                                met=ratio >= SCORES_TARGET if recorded else None))
         ratio = medians["argsort+loop x3"] / medians["evaluate"]
         section.rows.append(Row(f"evaluate_revisited(scores) E/M/H, {shape}", medians["evaluate"], "s",
                                 baseline="argsort + per-query loop x 3 setups",
