@@ -237,13 +237,18 @@ def test_scores_path_places_nan_positives_last():
 
 
 @pytest.mark.parametrize("member_table", [True, False])
-def test_ranks_path_across_blocks(tiny_blocks, monkeypatch, member_table):
+@pytest.mark.parametrize("listed_range", [30, 400])
+def test_ranks_path_across_blocks(tiny_blocks, monkeypatch, member_table, listed_range):
+    """Listed images packed below 30 (flagged by a range test) or spread over 400 (by a lookup table)."""
     if not member_table:  # many queries x listed images: binary search instead of a lookup table
         monkeypatch.setattr(metrics, "MEMBER_TABLE_LIMIT", 0)
     rng = np.random.default_rng(11)
-    scores, gnd = random_case(rng, 200, 7, ties=False)
-    ranks = np.argsort(-scores, axis=0)
+    ranks = np.stack([rng.permutation(400) for _ in range(7)], axis=1)
+    ranks[rng.integers(0, 400, 5), rng.integers(0, 7, 5)] = -1  # padding
+    gnd = [{"ok": rng.choice(listed_range, 6, replace=False), "junk": rng.choice(listed_range, 5, replace=False)}
+           for _ in range(7)]
     assert_same(compute_map(ranks, gnd, [1, 5]), reference_map(ranks, gnd, [1, 5]))
+    assert_same(compute_map(np.asfortranarray(ranks), gnd, [1, 5]), reference_map(ranks, gnd, [1, 5]))
 
 
 # ------------------------------------------------------------------------------ evaluate_revisited

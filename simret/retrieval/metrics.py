@@ -41,7 +41,7 @@ import numpy as np
 PROTOCOLS = ("easy", "medium", "hard")
 DEFAULT_KAPPAS = (1, 5, 10)
 BLOCK_ELEMENTS = 1 << 18  # ranks/scores elements handled at a time (cache-sized; bounds temporary memory)
-SCORE_CELLS = 4094  # scores path: equal-width cells spanning each query's listed scores (+ margin, below, above)
+SCORE_CELLS = 8190  # scores path: equal-width cells spanning each query's listed scores (+ margin, below, above)
 QUERY_CHUNK = 256  # queries per pass of the scores path (bounds the per-query cell tables)
 MEMBER_TABLE_LIMIT = 1 << 26  # ranks path: (query, listed image) table up to this size, else binary search
 
@@ -326,26 +326,30 @@ def _query_major(array: np.ndarray) -> bool:
 def _locate_in_ranks(ranks: np.ndarray, lists: Sequence[np.ndarray]) -> _Hits:
     """Every position of ``ranks[:, q]`` whose image is in ``lists[q]`` (as ``np.isin`` would find them).
 
-    One pass over the ranks: each rank is looked up in a boolean table of every listed image (small
-    enough to stay in cache); only the flagged positions are checked against their own query's list.
+    One pass over the ranks flags the positions that may hold a listed image: ``rank < max listed + 1``
+    (one SIMD comparison) when the listed images fill most of that range, as the Revisited images do
+    before the distractors; otherwise a lookup in a boolean table of every listed image (small enough to
+    stay in cache). Only the flagged positions are then checked against their own query's list.
     """
     n_ranked, n_queries = ranks.shape
     stride = _stride(lists)
     if stride == 0 or n_ranked == 0:
         return _Hits(_NO_HITS, _NO_HITS, _NO_HITS)
     union = np.unique(np.concatenate(lists))
+    by_range = (stride - union.size) * 16 <= n_ranked  # few unlisted images below the largest listed one
     listed = np.zeros(stride + 1, dtype=bool)  # listed[stride] stays False: larger ranks clip onto it
     listed[union] = True
     sizes = np.fromiter((a.size for a in lists), dtype=np.int64, count=n_queries)
     pair_query, pair_item = np.repeat(np.arange(n_queries, dtype=np.int64), sizes), np.concatenate(lists)
-    if n_queries * union.size <= MEMBER_TABLE_LIMIT:  # (query, listed image) → listed for that query?
-        compact = np.zeros(stride + 1, dtype=np.int64)
+    if n_queries * (union.size + 1) <= MEMBER_TABLE_LIMIT:  # (query, image) → listed for that query?
+        width_u = union.size + 1
+        compact = np.full(stride + 1, union.size, dtype=np.int64)  # unlisted → a column that is all False
         compact[union] = np.arange(union.size)
-        member = np.zeros(n_queries * union.size, dtype=bool)
-        member[pair_query * union.size + compact[pair_item]] = True
+        member = np.zeros(n_queries * width_u, dtype=bool)
+        member[pair_query * width_u + compact[pair_item]] = True
 
         def belongs(query: np.ndarray, value: np.ndarray) -> np.ndarray:
-            return member[query * union.size + compact[value]]
+            return member[query * width_u + compact[value]]
     else:
         keys = np.unique(pair_query * stride + pair_item)
 
@@ -359,14 +363,15 @@ def _locate_in_ranks(ranks: np.ndarray, lists: Sequence[np.ndarray]) -> _Hits:
     queries, positions, items = [], [], []
     for start in range(0, work.shape[0], step):
         block = work[start:start + step]
-        index = np.flatnonzero(np.take(listed, block, mode="clip"))  # negative ranks clip onto 0 …
+        flags = np.less(block, stride) if by_range else np.take(listed, block, mode="clip")
+        index = np.flatnonzero(flags)  # negative ranks are flagged too (clipped onto 0 by take) …
         values = _gather(block, index).astype(np.int64)
-        first, second = np.divmod(index, width)
-        query = first + start if query_major else second
-        valid = values >= 0  # … and are dropped here
+        valid = values >= 0  # … and dropped here
+        query = index // width + start if query_major else index % width
         match = np.flatnonzero(valid & belongs(query, np.where(valid, values, 0)))
+        index = index[match]
         queries.append(query[match])
-        positions.append(second[match] if query_major else first[match] + start)
+        positions.append(index % width if query_major else index // width + start)
         items.append(values[match])
     return _Hits.build(np.concatenate(queries), np.concatenate(positions), np.concatenate(items))
 
