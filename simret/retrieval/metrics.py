@@ -120,8 +120,8 @@ def evaluate_revisited(ranks_or_scores: Any, gnd: GroundTruth, kappas: Sequence[
             ``gnd`` of a Revisited ground-truth file; ``"junk"`` may be absent).
         kappas: the k of mP@k.
         kind: ``"ranks"``, ``"scores"``, or ``"auto"``: an integer array is ranks, a float array scores.
-        per_query: also return each query's AP (``"aps"``) and P@k (``"prs"``), NaN for queries
-            without positives in that setup.
+        per_query: also return each query's AP (``"aps"``, ``(n_queries,)`` array) and P@k (``"prs"``,
+            ``(n_queries, len(kappas))``), NaN for queries without positives in that setup.
 
     Returns:
         ``{"easy": {"map": …, "mp@1": …, "mp@5": …, "mp@10": …}, "medium": {…}, "hard": {…}}``,
@@ -148,7 +148,7 @@ def evaluate_revisited(ranks_or_scores: Any, gnd: GroundTruth, kappas: Sequence[
         positives = [np.concatenate([e, h]) for e, h in zip(easy, hard)]
         hits = _locate_in_scores(_check_scores(array, len(gnd)), listed, anchors=positives)
     setups = {
-        "easy": ([e for e in easy], [np.concatenate([j, h]) for h, j in zip(hard, junk)]),
+        "easy": (easy, [np.concatenate([j, h]) for h, j in zip(hard, junk)]),
         "medium": ([np.concatenate([e, h]) for e, h in zip(easy, hard)], junk),
         "hard": (hard, [np.concatenate([j, e]) for e, j in zip(easy, junk)]),
     }
@@ -174,11 +174,12 @@ def format_revisited_table(results: Mapping[str, Mapping[str, Any]], title: str 
     """
     columns = [name for name in PROTOCOLS if name in results]
     metrics = ["map"] + [key for key in results[columns[0]] if key.startswith("mp@")] if columns else []
-    lines = [f"{title:<10}" + "".join(f"{name[0].upper():>9}" for name in columns)]
+    width = max(10, len(title) + 1)
+    lines = [f"{title:<{width}}" + "".join(f"{name[0].upper():>9}" for name in columns)]
     for metric in metrics:
         label = "mAP" if metric == "map" else "mP@" + metric[3:]
         cells = "".join(f"{100 * float(results[name][metric]):>9.2f}" for name in columns)
-        lines.append(f"{label:<10}{cells}")
+        lines.append(f"{label:<{width}}{cells}")
     return "\n".join(lines)
 
 
