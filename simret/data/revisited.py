@@ -217,7 +217,7 @@ def _query_gnd(entry: Any, n_images: int, where: str) -> Dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------- datasets
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, eq=False)
 class RevisitedDataset:
     """A Revisited benchmark on disk: database ``imlist``, queries ``qimlist`` and their ``gnd``.
 
@@ -351,7 +351,7 @@ def load_revisited(data_root: PathLike, name: str, *, check_images: bool = True)
 # ------------------------------------------------------------------------------------- distractors
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, eq=False)
 class DistractorSet:
     """The R1M distractors (or any list-file + ``jpg/`` folder): ``ids`` relative to ``image_dir``."""
 
