@@ -5,30 +5,30 @@
     result = evaluate(features, episodes, "simpleshot", base_mean=train_features.mean(0))
     result.mean, result.ci95, result.accuracies          # fractions; ci95 = 1.96·std/√E (ddof=0)
 
-Names load lazily: ``import simret.fewshot`` imports neither torch nor NumPy.
+``import simret.fewshot`` imports NumPy only; torch, scikit-learn, h5py and FAISS load when a method, an
+evaluation or a feature bank needs them. (``evaluate`` is imported eagerly: it shares its name with its module,
+and a lazily bound function could be shadowed by the sub-module.)
 """
 from __future__ import annotations
 
 import importlib
 from typing import Any, Dict, Tuple
 
+from simret.fewshot.episodes import Episodes, sample_episodes
+from simret.fewshot.evaluate import FewShotResult, confidence_interval, evaluate
+
 _EXPORTS: Dict[str, Tuple[str, str]] = {
-    "Episodes": ("simret.fewshot.episodes", "Episodes"),
-    "sample_episodes": ("simret.fewshot.episodes", "sample_episodes"),
     "get_method": ("simret.fewshot.methods", "get_method"),
     "list_methods": ("simret.fewshot.methods", "list_methods"),
     "FewShotMethod": ("simret.fewshot.methods", "FewShotMethod"),
     "MissingBaseMeanWarning": ("simret.fewshot.methods", "MissingBaseMeanWarning"),
-    "evaluate": ("simret.fewshot.evaluate", "evaluate"),
-    "FewShotResult": ("simret.fewshot.evaluate", "FewShotResult"),
-    "confidence_interval": ("simret.fewshot.evaluate", "confidence_interval"),
     "FeatureBank": ("simret.fewshot.features", "FeatureBank"),
     "extract_features": ("simret.fewshot.features", "extract_features"),
     "feature_bank": ("simret.fewshot.features", "feature_bank"),
     "load_feature_bank": ("simret.fewshot.features", "load_feature_bank"),
 }
 
-__all__ = list(_EXPORTS)
+__all__ = ["Episodes", "sample_episodes", "evaluate", "FewShotResult", "confidence_interval", *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:
