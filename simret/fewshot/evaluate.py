@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 Z_95 = 1.96
 GATHER_BUDGET = 1 << 23  # floats of gathered features per chunk (32 MB in float32)
+FAISS_GATHER_BUDGET = 1 << 20  # support floats per chunk on the FAISS path: the chunk's arrays stay in L2 cache
 
 
 def confidence_interval(accuracies: Any, z: float = Z_95) -> float:
@@ -153,9 +154,9 @@ def _check_episodes(episodes: Episodes, n_bank: int) -> None:
         raise ValueError("episodes: labels and indices have different shapes")
 
 
-def _chunk(chunk: Optional[int], rows_per_episode: int, dim: int) -> int:
-    """Episodes per chunk: as given, or as many as keep ``GATHER_BUDGET`` floats of gathered features."""
-    return int(chunk) if chunk is not None else max(1, GATHER_BUDGET // max(1, rows_per_episode * dim))
+def _chunk(chunk: Optional[int], rows_per_episode: int, dim: int, budget: int = GATHER_BUDGET) -> int:
+    """Episodes per chunk: as given, or as many as keep ``budget`` floats of gathered features."""
+    return int(chunk) if chunk is not None else max(1, budget // max(1, rows_per_episode * dim))
 
 
 def _generic_accuracies(bank: torch.Tensor, episodes: Episodes, method: Callable, chunk: Optional[int]) -> np.ndarray:
@@ -194,7 +195,7 @@ def _prototype_accuracies(bank: torch.Tensor, episodes: Episodes, method: Protot
     if features.device.type == "cpu" and features.dtype == torch.float32 and _faiss() is not None:
         # NumPy + FAISS only: alternating torch's and FAISS's thread pools makes them wait on each other
         return _prototype_accuracies_faiss(features.numpy(), episodes, method.metric, shots if canonical else 0,
-                                           _chunk(chunk, n_support, features.shape[1]))
+                                           _chunk(chunk, n_support, features.shape[1], FAISS_GATHER_BUDGET))
     device, dim = features.device, features.shape[1]
     chunk = _chunk(chunk, n_support + episodes.query.shape[1], dim)
     out = np.empty(len(episodes), dtype=np.float64)
