@@ -151,3 +151,25 @@ def test_import_is_light_and_names_are_the_public_ones():
             "print(heavy, callable(f.evaluate), f.evaluate.__module__, callable(f.get_method), f.Episodes.__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["[]", "True", "simret.fewshot.evaluate", "True", "Episodes"]
+
+
+def test_uneven_shots_per_class_and_missing_classes(bank):
+    from simret.fewshot import Episodes
+
+    features, labels = bank
+    rng = np.random.RandomState(5)
+    support, query = [], []
+    for _ in range(30):  # 2-way episodes: class 0 has one shot, class 1 three
+        a, b = rng.choice(N_CLASSES, 2, replace=False)
+        pa, pb = rng.permutation(np.flatnonzero(labels == a)), rng.permutation(np.flatnonzero(labels == b))
+        support.append([pb[0], pa[0], pb[1], pb[2]])
+        query.append([pa[1], pa[2], pb[3], pb[4]])
+    support_labels = np.tile([1, 0, 1, 1], (30, 1))
+    episodes = Episodes(np.array(support), support_labels, np.array(query), np.tile([0, 0, 1, 1], (30, 1)),
+                        np.zeros((30, 2), np.int64), n_way=2, n_shot=2, n_query=2)
+    for name in ("protonet", "cosine"):
+        expected = evaluate(features, episodes, get_method(name).__call__).accuracies
+        np.testing.assert_array_equal(evaluate(features, episodes, name).accuracies, expected)
+    broken = dataclasses.replace(episodes, support_labels=np.zeros((30, 4), np.int64))
+    with pytest.raises(ValueError, match="episode 0 has no support example of class 1"):
+        evaluate(features, broken, "protonet")

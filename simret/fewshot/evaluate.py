@@ -10,18 +10,17 @@ How it runs (never one giant tensor, never a Python loop over episodes):
   32 MB of gathered features); each chunk gathers ``(e, S, D)`` support and ``(e, Q, D)`` query features from
   the bank and calls the method once.
 * prototype methods (``protonet``, ``cosine``, ``simpleshot``) are scored straight from the bank: the bank is
-  normalised once (CL2N/L2N), each chunk's prototypes come from the gathered support features, and the
-  query–prototype inner products are computed by FAISS's fused gather-and-dot kernel
-  (``fvec_inner_products_by_idx``) without copying any query feature; on a GPU, or without FAISS, by a
-  gather and one batched matmul. Per-query constants that cannot change the ranking of classes are left out
-  (``‖q‖²`` for ``protonet``/``simpleshot``, ``‖q‖`` for ``cosine``), so the predictions are exactly the
-  method's own argmax.
+  normalised once (CL2N/L2N), each chunk's prototypes come from one fused gather-and-mean (torch's
+  ``embedding_bag``), and the query–prototype products from FAISS's fused gather-and-dot kernel
+  (``fvec_inner_products_by_idx``), which never copies a query feature; on a GPU, for float64 banks or
+  without FAISS, from a gather and one batched matmul. Per-query terms that cannot change the ranking of the
+  classes are left out (``‖q‖²`` for ``protonet``/``simpleshot``, ``‖q‖`` for ``cosine``), so the predictions
+  are the method's own argmax; the cost is essentially reading each episode's query rows once.
 
-Why not the bank's Gram matrix? With the Gram matrix ``G = X Xᵀ`` each query–prototype product is a sum of
-``n_shot`` Gram entries, but ``G`` costs ``N²·D`` to compute (92 GMAC for a 12,000-image, 640-d bank, more
-than ten thousand episodes cost with gathers) and reading its entries is random access into ``N²`` floats;
-measured on the benchmark CPU it was slower than the gather path for miniImageNet-sized test splits (see
-``simret/bench/fewshot.py``).
+Why not the bank's Gram matrix? With ``G = X Xᵀ`` each query–prototype product is a mean of ``n_shot`` Gram
+entries, but ``G`` costs ``N²·D`` to compute (92 GMAC for a 12,000-image, 640-d bank) and its entries are read
+at random from ``N²`` floats: on the benchmark CPU computing ``G`` alone took longer than evaluating ten
+thousand episodes by gathering (see ``simret/bench/fewshot.py``, which measures both).
 """
 from __future__ import annotations
 
@@ -40,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 Z_95 = 1.96
 GATHER_BUDGET = 1 << 23  # floats of gathered features per chunk (32 MB in float32)
-FAISS_GATHER_BUDGET = 1 << 20  # support floats per chunk on the FAISS path: the chunk's arrays stay in L2 cache
+PROTOTYPE_BUDGET = 1 << 22  # prototype floats per chunk on the FAISS path (16 MB)
 
 
 def confidence_interval(accuracies: Any, z: float = Z_95) -> float:
@@ -186,78 +185,71 @@ def _prototype_accuracies(bank: torch.Tensor, episodes: Episodes, method: Protot
     """Nearest-prototype methods scored from the (normalised) bank; see the module docstring."""
     import torch
 
-    from simret.fewshot.methods import class_means
-
     features = method.transform(bank).contiguous()
-    n_way, n_support = episodes.n_way, episodes.support.shape[1]
-    shots = n_support // n_way if n_support % n_way == 0 else 0
-    canonical = shots > 0 and bool((episodes.support_labels == np.repeat(np.arange(n_way), shots)).all())
-    if features.device.type == "cpu" and features.dtype == torch.float32 and _faiss() is not None:
-        # NumPy + FAISS only: alternating torch's and FAISS's thread pools makes them wait on each other
-        return _prototype_accuracies_faiss(features.numpy(), episodes, method.metric, shots if canonical else 0,
-                                           _chunk(chunk, n_support, features.shape[1], FAISS_GATHER_BUDGET))
-    device, dim = features.device, features.shape[1]
-    chunk = _chunk(chunk, n_support + episodes.query.shape[1], dim)
+    n_way, dim = episodes.n_way, features.shape[1]
+    n_query = episodes.query.shape[1]
+    use_faiss = features.device.type == "cpu" and features.dtype == torch.float32 and _faiss() is not None
+    chunk = _chunk(chunk, n_way if use_faiss else n_way + n_query, dim, PROTOTYPE_BUDGET if use_faiss else GATHER_BUDGET)
     out = np.empty(len(episodes), dtype=np.float64)
     for begin in range(0, len(episodes), chunk):
         part = episodes[begin:begin + chunk]
         e = len(part)
-        support = features.index_select(0, _index(part.support, device))
-        if canonical:  # class-major support: the mean of each run of `shots` rows
-            prototypes = support.view(e, n_way, shots, dim).mean(2)
-        else:
-            prototypes = class_means(support.view(e, n_support, dim), _index(part.support_labels, device).view(e, -1),
-                                     n_way)
-        query = features.index_select(0, _index(part.query, device)).view(e, -1, dim)
+        prototypes = _prototypes(features, part)  # (e, W, D)
         if method.metric == "cosine":  # cos(q, μ) ranks classes as q·μ/‖μ‖ does
             prototypes = torch.nn.functional.normalize(prototypes, dim=-1, eps=1e-12)
-            scores = torch.bmm(query, prototypes.transpose(1, 2))
-        else:  # -‖q − μ‖² ranks classes as 2 q·μ − ‖μ‖² does
-            bias = (prototypes * prototypes).sum(-1).unsqueeze(1)  # (e, 1, W)
-            scores = torch.baddbmm(bias, query, prototypes.transpose(1, 2), beta=-1, alpha=2)
-        out[begin:begin + e] = _accuracy(scores.argmax(-1).cpu().numpy(), part.query_labels)
-    return out
-
-
-def _prototype_accuracies_faiss(features: np.ndarray, episodes: Episodes, metric: str, shots: int,
-                                chunk: int) -> np.ndarray:
-    """CPU path: prototypes from gathered support rows, ``q·μ`` by FAISS's fused gather-and-dot kernel.
-
-    ``shots > 0`` means the support is class-major with ``shots`` examples per class (as ``sample_episodes``
-    lays it out); otherwise the prototypes are computed from the labels.
-    """
-    faiss = _faiss()
-    dim, n_way = features.shape[1], episodes.n_way
-    n_query = episodes.query.shape[1]
-    out = np.empty(len(episodes), dtype=np.float64)
-    for begin in range(0, len(episodes), chunk):
-        part = episodes[begin:begin + chunk]
-        e = len(part)
-        support = np.take(features, part.support.reshape(-1), axis=0)
-        if shots:
-            support = support.reshape(e, n_way, shots, dim)
-            prototypes = support[:, :, 0].copy()
-            for k in range(1, shots):  # a running sum is much faster than a strided reduction
-                prototypes += support[:, :, k]
-            prototypes *= np.float32(1.0 / shots)
+            half_norms = None
+        else:  # -‖q − μ‖² ranks classes as 2 q·μ − ‖μ‖², i.e. q·μ − ‖μ‖²/2, does
+            half_norms = 0.5 * (prototypes * prototypes).sum(-1)  # (e, W)
+        if use_faiss:
+            dots = _faiss_dots(features.numpy(), prototypes.numpy(), part.query)  # (e, W, Q)
+            if half_norms is not None:
+                dots -= half_norms.numpy()[:, :, None]
+            predictions = dots.argmax(1)
         else:
-            onehot = np.eye(n_way, dtype=np.float32)[part.support_labels]  # (e, S, W)
-            prototypes = np.matmul(onehot.transpose(0, 2, 1), support.reshape(e, -1, dim))
-            prototypes /= onehot.sum(1)[:, :, None]
-        prototypes = np.ascontiguousarray(prototypes.reshape(e * n_way, dim), dtype=np.float32)
-        norms2 = np.einsum("ij,ij->i", prototypes, prototypes).reshape(e, n_way, 1)
-        if metric == "cosine":
-            prototypes /= np.sqrt(np.maximum(norms2.reshape(-1, 1), 1e-24))
-        ids = np.ascontiguousarray(np.broadcast_to(part.query[:, None, :], (e, n_way, n_query)),
-                                   dtype=np.int64).reshape(e * n_way, n_query)
-        dots = np.empty((e * n_way, n_query), dtype=np.float32)
-        faiss.fvec_inner_products_by_idx(faiss.swig_ptr(dots), faiss.swig_ptr(prototypes), faiss.swig_ptr(features),
-                                         faiss.swig_ptr(ids), dim, e * n_way, n_query)
-        scores = dots.reshape(e, n_way, n_query)  # (e, W, Q)
-        if metric != "cosine":
-            scores = 2 * scores - norms2
-        out[begin:begin + e] = _accuracy(scores.argmax(1), part.query_labels)
+            query = features.index_select(0, _index(part.query, features.device)).view(e, n_query, dim)
+            scores = torch.bmm(query, prototypes.transpose(1, 2))  # (e, Q, W)
+            if half_norms is not None:
+                scores -= half_norms.unsqueeze(1)
+            predictions = scores.argmax(-1).cpu().numpy()
+        out[begin:begin + e] = _accuracy(predictions, part.query_labels)
     return out
+
+
+def _prototypes(features: torch.Tensor, episodes: Episodes) -> torch.Tensor:
+    """Class means of the support features, ``(e, n_way, D)``, by one fused gather-and-mean (embedding_bag)."""
+    import torch
+
+    e, n_support = episodes.support.shape
+    n_way, device = episodes.n_way, features.device
+    shots = n_support // n_way
+    if shots * n_way == n_support and (episodes.support_labels == np.repeat(np.arange(n_way), shots)).all():
+        bags = torch.from_numpy(np.ascontiguousarray(episodes.support, dtype=np.int64)).view(e * n_way, shots)
+        return torch.nn.functional.embedding_bag(bags.to(device), features, mode="mean").view(e, n_way, -1)
+    # any order, any number of shots per class: sort each episode's support by label, one bag per class
+    order = np.argsort(episodes.support_labels, axis=1, kind="stable")
+    indices = np.take_along_axis(episodes.support, order, axis=1)
+    counts = (episodes.support_labels[:, :, None] == np.arange(n_way)).sum(1)  # (e, W)
+    if (counts == 0).any():
+        episode, label = np.argwhere(counts == 0)[0]
+        raise ValueError(f"episode {episode} has no support example of class {label} (n_way={n_way})")
+    offsets = np.concatenate([[0], np.cumsum(counts.ravel())[:-1]])
+    prototypes = torch.nn.functional.embedding_bag(_index(indices, device), features, _index(offsets, device),
+                                                   mode="mean")
+    return prototypes.view(e, n_way, -1)
+
+
+def _faiss_dots(features: np.ndarray, prototypes: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """``(e, W, Q)`` products of every prototype with its episode's queries, by FAISS's fused gather-and-dot
+    kernel (no query feature is copied). ``features (N, D)``, ``prototypes (e, W, D)`` float32, ``query (e, Q)``."""
+    faiss = _faiss()
+    e, n_way, dim = prototypes.shape
+    n_query = query.shape[1]
+    prototypes = np.ascontiguousarray(prototypes, dtype=np.float32).reshape(e * n_way, dim)
+    ids = np.ascontiguousarray(np.broadcast_to(query[:, None, :], (e, n_way, n_query)), dtype=np.int64)
+    dots = np.empty((e, n_way, n_query), dtype=np.float32)
+    faiss.fvec_inner_products_by_idx(faiss.swig_ptr(dots), faiss.swig_ptr(prototypes), faiss.swig_ptr(features),
+                                     faiss.swig_ptr(ids), dim, e * n_way, n_query)
+    return dots
 
 
 _FAISS: Dict[str, Any] = {}
