@@ -118,7 +118,9 @@ def fewshot(ctx: click.Context, split_root: Path, split_format: str, split: str,
             table[name][shot] = result.format()
 
     click.echo(f"{split_root} — {describe_split(eval_split)}")
-    click.echo(f"encoder {encoder.fingerprint} ({encoder.dim}-d, {settings['image_size']} px)"
+    weights = encoder.provenance()["weights"]
+    click.echo(f"encoder {encoder.fingerprint} ({'random' if weights == 'random' else weights} weights, "
+               f"{encoder.dim}-d, {settings['image_size']} px)"
                + (f"; base mean: {base.name} split ({len(base)} images)" if base is not None else ""))
     click.echo(f"{n_way}-way, {n_query} queries per class, {n_episodes} episodes per shot, seed {seed}; "
                f"accuracy % ± 95% CI")
