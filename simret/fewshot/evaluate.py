@@ -107,7 +107,7 @@ def evaluate(features: Any, episodes: Episodes, method: Union[str, Callable, Few
         method: a name for ``get_method`` (with ``**kwargs`` as its options, e.g. ``base_mean=``), a
             ``FewShotMethod``, or any callable ``(support (E,S,D), support_labels (E,S), query (E,Q,D)) →
             scores (E,Q,n_way)`` (tensors in; tensor or array out).
-        chunk_size: episodes per chunk (default: about 32 MB of gathered features per chunk).
+        chunk_size: episodes per chunk (default: a budget of 16–32 MB of gathered features or prototypes).
         device: where to compute (default: the features' device; CPU for arrays).
 
     Returns:
