@@ -1,1 +1,44 @@
-"""Few-shot: feature banks, reproducible episodes, batched methods, evaluation with 95% CI."""
+"""Few-shot: feature banks, reproducible episodes, batched methods, evaluation with 95% CI.
+
+    from simret.fewshot import sample_episodes, evaluate, get_method
+    episodes = sample_episodes(labels, n_way=5, n_shot=1, n_query=15, n_episodes=2000, seed=0)
+    result = evaluate(features, episodes, "simpleshot", base_mean=train_features.mean(0))
+    result.mean, result.ci95, result.accuracies          # fractions; ci95 = 1.96·std/√E (ddof=0)
+
+``import simret.fewshot`` imports NumPy only; torch, scikit-learn, h5py and FAISS load when a method, an
+evaluation or a feature bank needs them. (``evaluate`` is imported eagerly: it shares its name with its module,
+and a lazily bound function could be shadowed by the sub-module.)
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Dict, Tuple
+
+from simret.fewshot.episodes import Episodes, sample_episodes
+from simret.fewshot.evaluate import FewShotResult, confidence_interval, evaluate
+
+_EXPORTS: Dict[str, Tuple[str, str]] = {
+    "get_method": ("simret.fewshot.methods", "get_method"),
+    "list_methods": ("simret.fewshot.methods", "list_methods"),
+    "FewShotMethod": ("simret.fewshot.methods", "FewShotMethod"),
+    "MissingBaseMeanWarning": ("simret.fewshot.methods", "MissingBaseMeanWarning"),
+    "FeatureBank": ("simret.fewshot.features", "FeatureBank"),
+    "extract_features": ("simret.fewshot.features", "extract_features"),
+    "feature_bank": ("simret.fewshot.features", "feature_bank"),
+    "load_feature_bank": ("simret.fewshot.features", "load_feature_bank"),
+}
+
+__all__ = ["Episodes", "sample_episodes", "evaluate", "FewShotResult", "confidence_interval", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        module, attribute = _EXPORTS[name]
+        value = getattr(importlib.import_module(module), attribute)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'simret.fewshot' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
