@@ -1,0 +1,117 @@
+"""``simret index``: images → multi-scale descriptors (HDF5) → FAISS index, resumable and atomic."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import click
+
+from simret.commands.options import model_options
+
+INDEX_KINDS = ["auto", "flat", "ivfpq", "hnsw"]
+
+
+def _index_params(pairs: Tuple[str, ...]) -> Dict[str, int]:
+    params: Dict[str, int] = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if not value:
+            raise click.BadParameter(f"expected NAME=VALUE (e.g. nprobe=32), got {pair!r}", param_hint="--index-param")
+        try:
+            params[name.strip()] = int(value)
+        except ValueError:
+            raise click.BadParameter(f"{name} takes an integer, got {value!r}", param_hint="--index-param") from None
+    return params
+
+
+@click.command(short_help="Index an image folder: descriptors (HDF5) + FAISS index.")
+@click.argument("images", type=click.Path(exists=True))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Index directory to write.")
+@model_options
+@click.option("--scales", default="1", show_default=True, metavar="S1,S2,…",
+              help="Multi-scale extraction, e.g. 1,0.707,0.5 (each applied to the max-size image; descriptors "
+                   "are averaged, then L2-normalised).")
+@click.option("--max-size", type=int, default=1024, show_default=True,
+              help="Long side of each image before scaling (smaller images are not enlarged); 0 keeps the size.")
+@click.option("--index", "kind", type=click.Choice(INDEX_KINDS), default="auto", show_default=True,
+              help="FAISS index: exact flat, compressed ivfpq, graph hnsw, or auto (flat up to 200k images, "
+                   "ivfpq beyond); parameters follow the collection size.")
+@click.option("--index-param", "index_params", multiple=True, metavar="NAME=VALUE",
+              help="Override an index parameter (ivfpq: nlist, m, nbits, nprobe; hnsw: M, efConstruction, "
+                   "efSearch). Repeatable.")
+@click.option("--whiten", type=click.Choice(["none", "pca"]), default="none", show_default=True,
+              help="PCA whitening, learned on the indexed images unless --whiten-on says otherwise.")
+@click.option("--whiten-on", type=click.Path(exists=True), default=None, metavar="IMAGES|FILE.h5",
+              help="Learn the whitening on other images (folder or list) or on a descriptors file.")
+@click.option("--whiten-dim", type=int, default=None, help="Keep this many whitened dimensions (default: all).")
+@click.option("--half", is_flag=True, help="Mixed-precision extraction and float16 descriptors on disk.")
+@click.option("-b", "--batch-size", type=int, default=16, show_default=True, help="Images per forward pass.")
+@click.option("-j", "--workers", type=int, default=None, help="Image-loading worker processes (default: up to 4).")
+@click.option("--append", is_flag=True, help="Add the images to the existing index (same whitening, no retraining).")
+@click.option("--overwrite", is_flag=True, help="Replace an index built with another model or settings.")
+@click.option("--checkpoint-every", type=int, default=2048, show_default=True,
+              help="Save finished descriptors every N images, so an interrupted run resumes there.")
+@click.pass_context
+def index(ctx: click.Context, images: str, out: str, model_spec: Dict[str, Any], scales: str, max_size: int,
+          kind: str, index_params: Tuple[str, ...], whiten: str, whiten_on: Optional[str], whiten_dim: Optional[int],
+          half: bool, batch_size: int, workers: Optional[int], append: bool, overwrite: bool,
+          checkpoint_every: int) -> None:
+    """Index IMAGES (a folder, searched recursively, or a text file with one path per line) into OUT.
+
+    \b
+    OUT gets descriptors.h5 (descriptors + ids), index.faiss, meta.json, skipped.tsv (files that could
+    not be read, and why) and, with --whiten pca, whitening.npz. Every file is written to a temporary
+    name and renamed, so an interrupted run leaves the previous index usable; run the same command
+    again and it resumes (images already described are not recomputed).
+
+    \b
+    Examples:
+      simret index photos/ --out idx/ --model resnet50 --weights timm
+      simret index photos/ --out idx/ --model vit_small_patch16_224 --weights simpool:vits-dino-simpool-ep300 \\
+          --scales 1,0.707,0.5 --whiten pca
+      simret index new_photos/ --out idx/ --append      # add images, same model as the index
+      simret index photos/ --out idx/ --model test_resnet --weights none --max-size 256   # offline smoke test
+    """
+    from simret.commands.options import build_encoder
+    from simret.retrieval.extract import parse_scales
+    from simret.retrieval.indexdir import IndexSettings, build_index, read_meta
+    from simret.utils import progress
+
+    if batch_size < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--batch-size")
+    if checkpoint_every < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--checkpoint-every")
+    if append and overwrite:
+        raise click.UsageError("--append and --overwrite exclude each other")
+    if append:
+        meta = read_meta(out)
+        if meta is not None:  # options left at their defaults follow the index
+            model_spec = _spec_from_meta(ctx, model_spec, meta)
+            if _is_default(ctx, "scales"):
+                scales = ",".join(str(s) for s in meta["scales"])
+            if _is_default(ctx, "max_size"):
+                max_size = meta["max_size"] or 0
+            if _is_default(ctx, "half"):
+                half = bool(meta.get("half"))
+    settings = IndexSettings(scales=parse_scales(scales), max_size=max_size or None, kind=kind,
+                             index_params=_index_params(index_params), whiten=whiten, whiten_on=whiten_on,
+                             whiten_dim=whiten_dim, half=half, batch_size=batch_size, workers=workers,
+                             checkpoint_every=checkpoint_every)
+    encoder, _ = build_encoder(model_spec, ctx)
+    summary = build_index(images, out, encoder, settings, model_spec=model_spec, append=append, overwrite=overwrite,
+                          progress=progress.is_enabled())
+    click.echo(summary.line())
+
+
+def _is_default(ctx: click.Context, name: str) -> bool:
+    from click.core import ParameterSource
+
+    return ctx.get_parameter_source(name) in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+
+
+def _spec_from_meta(ctx: click.Context, model_spec: Dict[str, Any], meta: Dict[str, Any]) -> Dict[str, Any]:
+    """Model options left at their defaults take the index's values (so --append needs no model flags)."""
+    spec = dict(model_spec)
+    for key in ("arch", "pool", "gamma", "weights", "checkpoint_key"):
+        if _is_default(ctx, key) and key in meta.get("model", {}):
+            spec[key] = meta["model"][key]
+    return spec

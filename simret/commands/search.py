@@ -1,0 +1,147 @@
+"""``simret search``: query images (or stored query descriptors) against an index directory."""
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import click
+
+from simret.commands.options import model_options
+
+FORMATS = ["table", "jsonl", "tsv"]
+
+
+def _parse_bbox(text: Optional[str]) -> Optional[Tuple[float, float, float, float]]:
+    if text is None:
+        return None
+    parts = [p for p in text.replace(" ", "").split(",") if p]
+    try:
+        x1, y1, x2, y2 = (float(p) for p in parts)
+    except ValueError:
+        raise click.BadParameter(f"expected x1,y1,x2,y2 in pixels, got {text!r}", param_hint="--bbox") from None
+    if x2 <= x1 or y2 <= y1:
+        raise click.BadParameter(f"x2 > x1 and y2 > y1 needed, got {text!r}", param_hint="--bbox")
+    return (x1, y1, x2, y2)
+
+
+@click.command(short_help="Search an index with query images; ranked ids and scores on stdout.")
+@click.argument("index_dir", metavar="DIR", type=click.Path(exists=True, file_okay=False))
+@click.argument("queries", metavar="[QUERY]...", nargs=-1, type=click.Path(exists=True))
+@click.option("-k", "--top-k", "k", type=int, default=10, show_default=True, help="Results per query.")
+@click.option("--bbox", default=None, metavar="x1,y1,x2,y2",
+              help="Crop every query image to this box (pixels) before describing it (Revisited queries).")
+@click.option("--descriptors", "descriptor_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              metavar="FILE.h5", help="Query with stored descriptors (a simret descriptors.h5 with a fingerprint) "
+                                      "instead of images.")
+@click.option("--qe", type=int, default=0, show_default=True, metavar="N",
+              help="α-query expansion over the top N results (0: off).")
+@click.option("--alpha", type=float, default=3.0, show_default=True, help="Similarity exponent of --qe and --dba.")
+@click.option("--dba", type=int, default=0, show_default=True, metavar="N",
+              help="Database-side augmentation with N neighbours (computed over the whole index at search time).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
+              help="table for people; jsonl: {\"query\", \"ids\", \"scores\"} per line; tsv: query, rank, id, score.")
+@model_options
+@click.option("-b", "--batch-size", type=int, default=16, show_default=True, help="Query images per forward pass.")
+@click.option("-j", "--workers", type=int, default=0, show_default=True, help="Image-loading worker processes.")
+@click.pass_context
+def search(ctx: click.Context, index_dir: str, queries: Tuple[str, ...], k: int, bbox: Optional[str],
+           descriptor_file: Optional[str], qe: int, alpha: float, dba: int, fmt: str, model_spec: Dict[str, Any],
+           batch_size: int, workers: int) -> None:
+    """Rank the images of the index DIR for each QUERY image (files, or folders of images).
+
+    \b
+    By default the queries are described with the model the index was built with (meta.json); model
+    options override it, and a model whose fingerprint differs from the index's is refused. Results
+    go to stdout, logs to stderr. Ranks start at 1; scores are cosine similarities (higher is better).
+
+    \b
+    Examples:
+      simret search idx/ query.jpg -k 5
+      simret search idx/ q1.jpg q2.jpg --format jsonl > results.jsonl
+      simret search idx/ oxford_001.jpg --bbox 136,34,648,955 --qe 2 --alpha 3
+      simret search idx/ --descriptors queries.h5 --format tsv
+    """
+    from simret.retrieval.indexdir import IndexDir
+    from simret.utils.logs import get_logger
+
+    log = get_logger("simret.commands.search")
+    if k < 1:
+        raise click.BadParameter("must be at least 1", param_hint="-k")
+    if qe < 0 or dba < 0:
+        raise click.BadParameter("must be ≥ 0", param_hint="--qe/--dba")
+    if bool(queries) == bool(descriptor_file):
+        raise click.UsageError("give query images or --descriptors FILE.h5 (one of the two)")
+    box = _parse_bbox(bbox)
+    index = IndexDir(index_dir)
+    if descriptor_file:
+        if box is not None:
+            raise click.UsageError("--bbox applies to query images, not to --descriptors")
+        names, raw = _stored_queries(index, descriptor_file)
+    else:
+        names, raw = _image_queries(ctx, index, queries, box, model_spec, batch_size, workers, log)
+    scores, rows = index.search(raw, k, qe=qe, alpha=alpha, dba=dba)
+    ids = index.ids
+    results = [(name, [ids[r] for r in row if r >= 0], [float(s) for s, r in zip(score, row) if r >= 0])
+               for name, score, row in zip(names, scores, rows)]
+    _write(results, fmt)
+
+
+def _stored_queries(index, path: str):
+    from simret.retrieval.store import read_store
+
+    stored = read_store(path)
+    index.check_queries(stored.fingerprint, what=f"the query descriptors in {path}")
+    return stored.ids, stored.descriptors
+
+
+def _image_queries(ctx: click.Context, index, queries: Sequence[str], box, model_spec: Dict[str, Any],
+                   batch_size: int, workers: int, log):
+    from pathlib import Path
+
+    from simret.commands.index import _spec_from_meta
+    from simret.commands.options import build_encoder
+    from simret.data.images import list_images
+    from simret.retrieval.extract import extract
+    from simret.utils import progress
+
+    paths: List[str] = []
+    for query in queries:
+        if Path(query).is_dir():
+            root, found = list_images(query)
+            paths += [str(root / f) for f in found]
+        else:
+            paths.append(query)
+    spec = _spec_from_meta(ctx, model_spec, index.meta)
+    encoder, device = build_encoder(spec, ctx)
+    index.check_queries(encoder.fingerprint, what=f"query descriptors of this model ({spec.get('arch')})")
+    absolute = [str(Path(p).resolve()) for p in paths]
+    result = extract(encoder, "/", absolute, boxes=[box] * len(absolute) if box else None,
+                     scales=index.meta["scales"], max_size=index.meta["max_size"], batch_size=batch_size,
+                     workers=workers, device=device, half=bool(index.meta.get("half")),
+                     progress=progress.is_enabled() and len(paths) > 1)
+    name_of = dict(zip(absolute, paths))
+    for image_id, reason in result.failures:
+        log.warning("query %s skipped: %s", name_of[image_id], reason)
+    if not result.ids:
+        raise ValueError("no query image could be used")
+    return [name_of[i] for i in result.ids], result.descriptors
+
+
+def _write(results: List[Tuple[str, List[str], List[float]]], fmt: str) -> None:
+    if fmt == "jsonl":
+        for name, ids, scores in results:
+            click.echo(json.dumps({"query": name, "ids": ids, "scores": [round(s, 6) for s in scores]}))
+    elif fmt == "tsv":
+        click.echo("query\trank\tid\tscore")
+        for name, ids, scores in results:
+            for rank, (image_id, score) in enumerate(zip(ids, scores), 1):
+                click.echo(f"{name}\t{rank}\t{image_id}\t{score:.6f}")
+    else:
+        for number, (name, ids, scores) in enumerate(results):
+            if number:
+                click.echo("")
+            click.echo(f"query: {name}")
+            width = max([len(str(len(ids)))] + [4])
+            click.echo(f"  {'rank':>{width}}  {'score':>7}  id")
+            for rank, (image_id, score) in enumerate(zip(ids, scores), 1):
+                click.echo(f"  {rank:>{width}}  {score:7.4f}  {image_id}")
