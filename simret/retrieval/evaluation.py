@@ -1,0 +1,279 @@
+"""Revisited Oxford/Paris evaluation of an encoder: extract (cached), score, re-rank, evaluate.
+
+``evaluate_encoder(encoder, data_root, "roxford5k", settings)`` describes the database images (cached in an
+index directory per encoder and setting, so later runs reuse them and interrupted runs resume), the query
+images cropped to their boxes, optionally the R1M distractors (cached likewise, scored in chunks straight
+from the HDF5 store), and evaluates every configuration asked for — plain, +αQE, +αDBA, +R1M — with
+``evaluate_revisited`` (exact revisitop protocol, scores path: nothing sorts the whole collection).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from simret.utils.logs import get_logger
+
+log = get_logger(__name__)
+
+DBA_LIMIT = 200_000  # exact DBA needs an all-pairs search of the collection
+
+
+@dataclass
+class EvalSettings:
+    """How descriptors are computed and which configurations are evaluated."""
+
+    scales: Tuple[float, ...] = (1.0,)
+    max_size: Optional[int] = 1024
+    batch_size: int = 16
+    workers: Optional[int] = None
+    half: bool = False
+    distractors: Optional[str] = None  # None or "revisitop1m"
+    qe: int = 0  # αQE neighbours (0: off)
+    dba: int = 0  # αDBA neighbours (0: off)
+    alpha: float = 3.0
+    whiten_on: Optional[str] = None  # images (folder / list) or a descriptors .h5 to learn PCA whitening on
+    cache_dir: Optional[Path] = None
+    kappas: Tuple[int, ...] = (1, 5, 10)
+
+
+@dataclass
+class EvalReport:
+    """Results of every configuration (fractions; ``format_revisited_table`` prints percent)."""
+
+    dataset: str
+    results: Dict[str, Dict[str, Dict[str, float]]]
+    counts: Dict[str, int]
+    provenance: Dict[str, Any]
+    settings: Dict[str, Any]
+    timings: Dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"dataset": self.dataset, "units": "fraction (x100 for %)", "results": self.results,
+                "counts": self.counts, "encoder": self.provenance, "settings": self.settings,
+                "timings_s": self.timings}
+
+
+def default_cache_dir() -> Path:
+    from simret.models.checkpoints import cache_dir
+
+    return cache_dir() / "eval"
+
+
+def cached_descriptors(encoder: Any, paths: Sequence[Path], cache: Path, settings: EvalSettings, *,
+                       what: str, allow_failures: bool) -> Tuple[Path, List[int]]:
+    """Describe ``paths`` into the index directory ``cache`` (reused and resumed by later runs).
+
+    Returns:
+        ``(store path, order)``: row ``order[i]`` of the store is ``paths[i]`` (failed paths are absent
+        and only allowed with ``allow_failures``).
+
+    Raises:
+        ValueError: some images could not be read and ``allow_failures`` is False (they are named).
+    """
+    from simret.retrieval.indexdir import IndexSettings, build_index, path_key
+    from simret.retrieval.store import read_store
+
+    cache.mkdir(parents=True, exist_ok=True)
+    listing = cache / "images.txt"
+    text = "".join(f"{Path(p).resolve()}\n" for p in paths)
+    if not listing.is_file() or listing.read_text() != text:
+        listing.write_text(text)
+    index_settings = IndexSettings(scales=tuple(settings.scales), max_size=settings.max_size, kind="flat",
+                                   half=settings.half, batch_size=settings.batch_size, workers=settings.workers)
+    summary = build_index(listing, cache / "index", encoder, index_settings, progress=True)
+    log.info("%s: %s", what, summary.line())
+    if summary.failures and not allow_failures:
+        shown = "; ".join(f"{i}: {reason}" for i, reason in summary.failures[:5])
+        raise ValueError(f"{len(summary.failures)} {what} image(s) could not be read ({shown}); the protocol needs "
+                         f"every one of them")
+    store = read_store(cache / "index" / "descriptors.h5")
+    root = listing.parent
+    position = {path_key(root, image_id): row for row, image_id in enumerate(store.ids)}
+    order = [position.get(str(Path(p).resolve()), -1) for p in paths]
+    missing = [str(p) for p, row in zip(paths, order) if row < 0]
+    if missing and not allow_failures:
+        raise ValueError(f"{len(missing)} {what} image(s) have no descriptor, e.g. {missing[0]}")
+    return cache / "index" / "descriptors.h5", [row for row in order if row >= 0]
+
+
+def _settings_key(encoder: Any, settings: EvalSettings) -> str:
+    key = json.dumps({"fp": encoder.fingerprint, "scales": list(settings.scales), "max": settings.max_size,
+                      "half": settings.half}, sort_keys=True)
+    return f"{encoder.fingerprint}-{hashlib.blake2b(key.encode(), digest_size=4).hexdigest()}"
+
+
+def _load_rows(store_path: Path, rows: Sequence[int]) -> np.ndarray:
+    from simret.retrieval.store import read_store
+
+    return read_store(store_path, rows=list(rows)).descriptors
+
+
+def _whiten(vectors: np.ndarray, whitening: Any) -> np.ndarray:
+    from simret.retrieval.whitening import l2_normalize
+
+    return vectors if whitening is None else l2_normalize(whitening.apply(vectors))
+
+
+def _chunked_scores(store_path: Path, queries: np.ndarray, whitening: Any, chunk: int = 65536) -> np.ndarray:
+    """``(N, Q)`` similarities of every row of a store to the queries, read in chunks of rows."""
+    import h5py
+
+    with h5py.File(store_path, "r") as handle:
+        table = handle["descriptors"]
+        scores = np.empty((table.shape[0], queries.shape[0]), np.float32)
+        for start in range(0, table.shape[0], chunk):
+            block = np.asarray(table[start:start + chunk], dtype=np.float32)
+            scores[start:start + len(block)] = _whiten(block, whitening) @ queries.T
+    return scores
+
+
+def _store_rows(store_path: Path, rows: np.ndarray, whitening: Any) -> np.ndarray:
+    """Rows of a store (any order, repeats allowed), whitened if asked."""
+    unique, inverse = np.unique(rows, return_inverse=True)
+    return _whiten(_load_rows(store_path, unique.tolist()), whitening)[inverse]
+
+
+def learn_whitening(encoder: Any, source: str, settings: EvalSettings):
+    """PCA whitening learned on other images (folder / list file) or on a descriptors ``.h5`` file."""
+    from simret.data.images import list_images
+    from simret.retrieval.extract import extract
+    from simret.retrieval.store import check_fingerprint, read_store
+    from simret.retrieval.whitening import PCAWhitening
+
+    if str(source).endswith(".h5"):
+        store = read_store(source)
+        check_fingerprint(store.fingerprint, encoder.fingerprint, what=f"descriptors in {source}",
+                          where="this evaluation's encoder")
+        return PCAWhitening.learn(store.descriptors)
+    root, ids = list_images(source)
+    result = extract(encoder, root, ids, scales=settings.scales, max_size=settings.max_size,
+                     batch_size=settings.batch_size, workers=settings.workers, half=settings.half)
+    return PCAWhitening.learn(result.descriptors)
+
+
+def evaluate_encoder(encoder: Any, data_root: Path, dataset_name: str, settings: EvalSettings) -> EvalReport:
+    """Evaluate ``encoder`` on a Revisited dataset; see the module docstring."""
+    from simret.data.revisited import load_distractors, load_revisited
+    from simret.retrieval.extract import extract
+    from simret.retrieval.metrics import evaluate_revisited
+    from simret.retrieval.rerank import alpha_qe, dba
+
+    timings: Dict[str, float] = {}
+    started = time.monotonic()
+    dataset = load_revisited(data_root, dataset_name)
+    distractors = load_distractors(data_root, settings.distractors) if settings.distractors else None
+    n_db, n_dis = len(dataset.imlist), len(distractors.ids) if distractors is not None else 0
+    if settings.dba and n_db + n_dis > DBA_LIMIT:
+        raise ValueError(f"--dba needs an exact all-pairs search over {n_db + n_dis:,} descriptors; it is supported "
+                         f"up to {DBA_LIMIT:,} (use --qe with distractors)")
+    cache_root = Path(settings.cache_dir or default_cache_dir()).expanduser()
+    key = _settings_key(encoder, settings)
+
+    # descriptors -----------------------------------------------------------------------------------
+    db_store, db_rows = cached_descriptors(
+        encoder, [dataset.image_path(i) for i in range(n_db)], cache_root / dataset.name / key, settings,
+        what=f"{dataset.name} database", allow_failures=False)
+    timings["database"] = time.monotonic() - started
+    whitening = learn_whitening(encoder, settings.whiten_on, settings) if settings.whiten_on else None
+    database = _whiten(_load_rows(db_store, db_rows), whitening)
+    mark = time.monotonic()
+    query_result = extract(encoder, dataset.image_dir, dataset.query_ids, boxes=dataset.query_boxes,
+                           scales=settings.scales, max_size=settings.max_size, batch_size=settings.batch_size,
+                           workers=0, half=settings.half)
+    if query_result.failures:
+        shown = "; ".join(f"{i}: {r}" for i, r in query_result.failures[:5])
+        raise ValueError(f"{len(query_result.failures)} query image(s) could not be used: {shown}")
+    queries = _whiten(query_result.descriptors, whitening)
+    timings["queries"] = time.monotonic() - mark
+    dis_store = None
+    dis_rows: List[int] = []
+    if distractors is not None:
+        mark = time.monotonic()
+        dis_store, dis_rows = cached_descriptors(
+            encoder, [distractors.image_path(i) for i in range(n_dis)],
+            cache_root / distractors.name / key, settings, what=f"{distractors.name} distractor",
+            allow_failures=True)
+        timings["distractors"] = time.monotonic() - mark
+        if len(dis_rows) < n_dis:
+            log.warning("%d of %d distractors could not be read and are left out", n_dis - len(dis_rows), n_dis)
+
+    # scoring and re-ranking ------------------------------------------------------------------------------
+    mark = time.monotonic()
+    results: Dict[str, Dict[str, Dict[str, float]]] = {}
+    configurations: List[Tuple[str, bool]] = [(dataset.name, False)]
+    if dis_store is not None:
+        configurations.append((f"{dataset.name}+{_short(distractors.name)}", True))
+    for name, with_distractors in configurations:
+        db_vectors = database
+        if settings.dba:
+            if with_distractors:
+                everything = np.concatenate([database, _store_rows(dis_store, np.asarray(dis_rows), whitening)])
+                augmented = dba(everything, settings.dba, settings.alpha)
+                db_vectors, dis_vectors = augmented[:n_db], augmented[n_db:]
+            else:
+                db_vectors = dba(database, settings.dba, settings.alpha)
+        scores = _scores(db_vectors, queries, dis_store if with_distractors else None, dis_rows, whitening,
+                         dis_vectors if settings.dba and with_distractors else None)
+        base = name + (f"+αDBA{settings.dba}" if settings.dba else "")
+        results[base] = _round(evaluate_revisited(scores, dataset.gnd, settings.kappas))
+        if settings.qe:
+            top = np.argpartition(-scores, settings.qe - 1, axis=0)[:settings.qe]  # (n, Q), unordered
+            neighbours = _gather(top, db_vectors, dis_store, dis_rows, whitening,
+                                 dis_vectors if settings.dba and with_distractors else None)
+            local = np.arange(top.size).reshape(queries.shape[0], settings.qe)  # rows of `neighbours`
+            expanded = alpha_qe(queries, neighbours, local, settings.qe, settings.alpha, layout="I")
+            scores = _scores(db_vectors, expanded, dis_store if with_distractors else None, dis_rows, whitening,
+                             dis_vectors if settings.dba and with_distractors else None)
+            results[f"{base}+αQE{settings.qe}"] = _round(evaluate_revisited(scores, dataset.gnd, settings.kappas))
+    timings["evaluate"] = time.monotonic() - mark
+    timings["total"] = time.monotonic() - started
+    counts = {"database": n_db, "queries": len(dataset.qimlist), "distractors": len(dis_rows)}
+    settings_record = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()}
+    settings_record["cache_dir"] = str(cache_root)
+    return EvalReport(dataset.name, results, counts, encoder.provenance(), settings_record, timings)
+
+
+def _short(name: str) -> str:
+    return "R1M" if name == "revisitop1m" else name
+
+
+def _round(result: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, float]]:
+    return {setup: {metric: float(value) for metric, value in values.items()} for setup, values in result.items()}
+
+
+def _scores(database: np.ndarray, queries: np.ndarray, dis_store: Optional[Path], dis_rows: Sequence[int],
+            whitening: Any, dis_vectors: Optional[np.ndarray]) -> np.ndarray:
+    """``(n_db [+ n_distractors], Q)`` similarities: database rows first, then distractors."""
+    scores = database @ queries.T
+    if dis_store is None:
+        return scores.astype(np.float32, copy=False)
+    if dis_vectors is not None:
+        distractor_scores = dis_vectors @ queries.T
+    else:
+        distractor_scores = _chunked_scores(dis_store, queries, whitening)
+        if len(dis_rows) != distractor_scores.shape[0]:
+            distractor_scores = distractor_scores[np.asarray(dis_rows, dtype=np.int64)]
+    return np.concatenate([scores, distractor_scores]).astype(np.float32, copy=False)
+
+
+def _gather(top: np.ndarray, database: np.ndarray, dis_store: Optional[Path], dis_rows: Sequence[int],
+            whitening: Any, dis_vectors: Optional[np.ndarray]) -> np.ndarray:
+    """Descriptors of the neighbours ``top (n, Q)`` (collection indices), as ``(Q·n, D)`` query-major rows."""
+    flat = top.T.reshape(-1)
+    n_db = database.shape[0]
+    out = np.empty((flat.size, database.shape[1]), np.float32)
+    in_db = flat < n_db
+    out[in_db] = database[flat[in_db]]
+    if (~in_db).any():
+        positions = flat[~in_db] - n_db
+        if dis_vectors is not None:
+            out[~in_db] = dis_vectors[positions]
+        else:
+            out[~in_db] = _store_rows(dis_store, np.asarray(dis_rows, dtype=np.int64)[positions], whitening)
+    return out
