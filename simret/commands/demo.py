@@ -85,17 +85,17 @@ def demo(out: Path, arch: str, gamma: float, epochs: int, episodes: int, image_s
     results = out / "results"
     run(4, "evaluate with the Revisited protocol",
         ["eval", sample.name, "--data-root", str(data), *model, "--scales", scales, "--max-size", str(image_size),
-         "--distractors", "r1m", "--qe", "2", "--out", str(results / "revisited.json")])
+         "--distractors", "r1m", "--qe", "2", "--cache", str(out / "cache"), "--out", str(results / "revisited.json")])
 
     # 5-7. few-shot and fine-tuning ----------------------------------------------------------------------
     fewshot = ["fewshot", str(digits.root), "--img-size", "32", "--shot", "1,5", "--method", "simpleshot,protonet",
-               "--episodes", str(episodes), "--query", "10" if small else "15"]
+               "--episodes", str(episodes), "--query", "10" if small else "15", "--features-dir", str(out / "features")]
     run(5, "few-shot on the novel digits, random-init encoder",
         [*fewshot, *model, "--out", str(results / "fewshot-before.json")])
     checkpoints = out / "checkpoints"
     run(6, "fine-tune on the base digits (0-4)",
         ["train", str(digits.root), "--split", "train", "--out", str(checkpoints), *model, "--img-size", "32",
-         "--epochs", str(epochs), "--batch-size", "32", "--lr", "1e-3", "--overwrite"])
+         "--epochs", str(epochs), "--batch-size", "32", "--lr", "1e-3", "--no-augment", "--overwrite"])
     trained = checkpoints / "encoder.safetensors"
     run(7, "few-shot on the novel digits again, fine-tuned encoder",
         [*fewshot, "--weights", str(trained), "--out", str(results / "fewshot-after.json")])
@@ -111,6 +111,8 @@ def demo(out: Path, arch: str, gamma: float, epochs: int, episodes: int, image_s
     for path, what in [
         (data, f"{sample.name}/ (Revisited layout), revisitop1m/ (distractors), digits/ (few-shot split)"),
         (index_dir, "descriptors.h5, index.faiss, meta.json, skipped.tsv"),
+        (out / "cache", "descriptors kept by simret eval (reused by the next run)"),
+        (out / "features", "few-shot feature banks features-<split>.h5 per encoder"),
         (results / "revisited.json", "mAP E/M/H and mP@k, with and without distractors"),
         (results / "fewshot-before.json", "few-shot accuracy ± 95% CI, random-init encoder"),
         (results / "fewshot-after.json", "few-shot accuracy ± 95% CI, fine-tuned encoder"),
