@@ -70,6 +70,10 @@ def index(ctx: click.Context, images: str, out: str, model_spec: Dict[str, Any],
           --scales 1,0.707,0.5 --whiten pca
       simret index new_photos/ --out idx/ --append      # add images, same model as the index
       simret index photos/ --out idx/ --model test_resnet --weights none --max-size 256   # offline smoke test
+      torchrun --nproc_per_node=4 -m simret index photos/ --out idx/ --model resnet50 --weights timm
+
+    Under torchrun every rank describes its share of the images (one GPU each, or CPU processes with
+    gloo); rank 0 merges the shards into one store and builds the index.
     """
     from simret.commands.options import build_encoder
     from simret.retrieval.extract import parse_scales
@@ -96,10 +100,19 @@ def index(ctx: click.Context, images: str, out: str, model_spec: Dict[str, Any],
                              index_params=_index_params(index_params), whiten=whiten, whiten_on=whiten_on,
                              whiten_dim=whiten_dim, half=half, batch_size=batch_size, workers=workers,
                              checkpoint_every=checkpoint_every)
-    encoder, _ = build_encoder(model_spec, ctx)
-    summary = build_index(images, out, encoder, settings, model_spec=model_spec, append=append, overwrite=overwrite,
-                          progress=progress.is_enabled())
-    click.echo(summary.line())
+    from simret.utils.distributed import barrier, distributed_session, quiet_unless_main
+
+    other_rank = quiet_unless_main()  # under torchrun only rank 0 prints
+    device = model_spec.get("device") or (getattr(ctx.obj, "device", None) if ctx.obj else None)
+    with distributed_session(device) as session:
+        if session.distributed:  # each rank on its own device (cuda:LOCAL_RANK, or the CPU)
+            model_spec = {**model_spec, "device": str(session.device)}
+        encoder, _ = build_encoder(model_spec, ctx)
+        summary = build_index(images, out, encoder, settings, model_spec=model_spec, append=append,
+                              overwrite=overwrite, progress=progress.is_enabled() and not other_rank)
+        barrier()  # the other ranks wait until rank 0 has written the index
+    if not other_rank:
+        click.echo(summary.line())
 
 
 def _is_default(ctx: click.Context, name: str) -> bool:

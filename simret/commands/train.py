@@ -74,9 +74,9 @@ def train(ctx: click.Context, data: str, out: str, split: Optional[str], model_s
     Use the result anywhere an encoder is asked for:
       simret index PHOTOS --out IDX --weights CKPT_DIR/encoder.safetensors
     """
-    from simret.train.distributed import quiet_unless_main
     from simret.train.trainer import TrainConfig
     from simret.train.trainer import train as run_training
+    from simret.utils.distributed import quiet_unless_main
 
     other_rank = quiet_unless_main()
     device = model_spec.get("device") or (getattr(ctx.obj, "device", None) if ctx.obj else None)

@@ -38,6 +38,7 @@ from simret.retrieval.store import (
     write_store,
 )
 from simret.retrieval.whitening import PCAWhitening, l2_normalize
+from simret.utils import distributed
 from simret.utils.atomic import atomic_path, write_text_atomic
 from simret.utils.logs import get_logger
 
@@ -250,6 +251,10 @@ def build_index(source: PathLike, out: PathLike, encoder: Any, settings: Optiona
     * ``append=True``: the existing index keeps all its images; the new ones are added (same whitening,
       same FAISS index, no retraining).
     * ``overwrite=True``: start afresh (the previous files are replaced only once the new ones are ready).
+    * under ``torchrun`` (process group initialised, e.g. by ``simret.utils.distributed.distributed_session``):
+      every rank describes its contiguous share of the images into its own checkpoint chunks; rank 0 merges
+      them and writes the directory, the other ranks return after their share (call ``barrier()`` after
+      this function so they wait for rank 0).
 
     Raises:
         ValueError: ``out`` holds an index of another encoder or settings (without ``overwrite``), or no
@@ -307,15 +312,22 @@ def build_index(source: PathLike, out: PathLike, encoder: Any, settings: Optiona
     log.info("%d images listed under %s: %d to compute, %d already done%s", len(listed), root, len(todo), reused,
              f", {len(stored)} in the index" if append else "")
 
-    # extraction, checkpointed
+    # extraction, checkpointed; under torchrun each rank describes its contiguous share of `todo` into
+    # its own checkpoint chunks (its shard), and rank 0 merges every shard below
     failures: Dict[str, str] = {}
     computed = 0
-    if todo:
+    sharded = distributed.is_distributed()
+    if sharded:
+        distributed.barrier()  # every rank has read the same state before any rank writes a chunk
+    if todo or sharded:
         keys = [key for key, _ in todo]
+        share = distributed.shard_indices(len(keys), distributed.rank(), distributed.world_size()) if sharded \
+            else range(len(keys))
+        keys = keys[share.start:share.stop]
         try:
             for batch in iter_extract(encoder, "/", keys, scales=settings.scales, max_size=settings.max_size,
                                       batch_size=settings.batch_size, workers=settings.workers, half=settings.half,
-                                      progress=progress):
+                                      progress=progress) if keys else ():
                 for position, reason in batch.failures:
                     failures[keys[position]] = reason
                 if len(batch.positions):
@@ -328,6 +340,13 @@ def build_index(source: PathLike, out: PathLike, encoder: Any, settings: Optiona
                 checkpoints.flush()  # keep the work done so far, whatever stopped us
             except Exception as err:  # noqa: BLE001 - never hide the original error
                 log.warning("could not save a checkpoint: %s", err)
+    if sharded:
+        gathered = distributed.all_gather_object((failures, computed))  # also waits for every shard's flush
+        failures = {key: reason for part, _ in gathered for key, reason in part.items()}
+        computed = sum(count for _, count in gathered)
+        if not distributed.is_main_process():
+            return BuildSummary(out, 0, computed, reused, len(failures), settings.kind, encoder.dim)
+        have.update(checkpoints.load())
 
     new_pairs = [(key, image_id) for key, image_id in targets if key in have]
     failed = [(image_id, failures[key]) for key, image_id in targets if key in failures]

@@ -1,6 +1,6 @@
 """Fine-tuning encoders with SimPool, single process or torchrun DDP.
 
-``train(TrainConfig(data, out, ...))`` is what ``simret train`` runs; ``simret.train.distributed`` holds
+``train(TrainConfig(data, out, ...))`` is what ``simret train`` runs; ``simret.utils.distributed`` holds
 the process-group helpers (also for sharded extraction). Importing this package imports nothing heavy;
 the names below load their modules on first use.
 """

@@ -36,15 +36,15 @@ from simret.train.checkpoint import (
     seed_everything,
 )
 from simret.train.data import LabelledImages, describe, list_labelled_images
-from simret.train.distributed import (
+from simret.train.heads import create_head
+from simret.train.schedule import WarmupCosine
+from simret.utils.distributed import (
     DistributedContext,
     all_gather_object,
     all_reduce_sum,
     barrier,
     distributed_session,
 )
-from simret.train.heads import create_head
-from simret.train.schedule import WarmupCosine
 from simret.utils.logs import get_logger
 
 log = get_logger(__name__)

@@ -3,7 +3,6 @@ sharded-extraction pattern the helpers exist for."""
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +12,9 @@ import torch
 from simret.data.samples import write_fewshot_sample
 from simret.models import create_encoder
 from simret.train import TrainConfig, train
-from simret.train import distributed as dist_utils
 from simret.train.checkpoint import load_checkpoint
-from simret.train.distributed import shard_indices, shard_path
+from simret.utils import distributed as dist_utils
+from simret.utils.distributed import shard_indices, shard_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,57 +127,28 @@ def load_log_loss(folder):
     return json.loads((folder / "log.jsonl").read_text().splitlines()[-1])["loss"]
 
 
-EXTRACT = textwrap.dedent('''
-    """Sharded extraction with simret.train.distributed: each rank writes its shard, rank 0 merges."""
-    import sys
-    import numpy as np
-    import torch
-    from simret.data.images import ImageList, RetrievalTransform, list_images
-    from simret.models import create_encoder
-    from simret.train.distributed import (all_gather_object, barrier, distributed_session, is_main_process,
-                                          shard_indices, shard_path)
-
-    weights, folder, out = sys.argv[1:4]
-    with distributed_session(device="cpu") as ctx:
-        encoder = create_encoder(None, weights=weights)
-        root, ids = list_images(folder)
-        part = shard_indices(len(ids), ctx.rank, ctx.world_size)
-        config = encoder.data_config
-        images = ImageList(root, ids[part.start:part.stop], RetrievalTransform(config["mean"], config["std"], 32))
-        with torch.no_grad():
-            rows = [encoder(images[i][0][None])[0].numpy() for i in range(len(images))]
-        np.save(shard_path(out, ctx.rank, ctx.world_size), np.stack(rows))
-        counts = all_gather_object(len(rows))
-        barrier()
-        if is_main_process():
-            shards = [np.load(shard_path(out, r, ctx.world_size)) for r in range(ctx.world_size)]
-            np.save(out, np.concatenate(shards))
-            print("MERGED", counts, ctx.backend, ctx.world_size)
-        barrier()
-''')
-
-
 @pytest.mark.slow
-def test_torchrun_sharded_extraction_merges_to_the_single_process_descriptors(tmp_path):
+def test_torchrun_index_merges_shards_into_the_single_process_store(tmp_path):
+    """``torchrun --nproc_per_node=2 -m simret index``: each rank describes its share, rank 0 merges them into
+    one store whose ids and descriptors equal a single-process run's; a corrupt file is skipped once."""
+    from click.testing import CliRunner
+
+    from simret.cli import cli
+    from simret.retrieval.store import read_store
+
     data = tmp_path / "digits"
-    write_fewshot_sample(data, per_class=7)  # 35 test images: shards of 18 and 17
-    encoder = create_encoder("test_resnet", gamma=2.0)
-    weights = tmp_path / "encoder.safetensors"
-    from simret.models import save_encoder
-
-    save_encoder(encoder, weights)
-    (tmp_path / "extract.py").write_text(EXTRACT)
-    done = _torchrun([str(tmp_path / "extract.py"), str(weights), str(data / "test"), str(tmp_path / "d.npy")],
+    write_fewshot_sample(data, per_class=7)  # 35 test images (+ 1 corrupt): shards of 18 and 18
+    (data / "test" / "digit_5" / "broken.png").write_bytes(b"not a png")
+    options = ["--model", "test_resnet", "--weights", "none", "--gamma", "2", "--max-size", "32", "-j", "0",
+               "--device", "cpu", "--scales", "1,0.707"]
+    done = _torchrun(["-m", "simret", "index", str(data / "test"), "--out", str(tmp_path / "ddp"), *options],
                      tmp_path)
-    assert "MERGED [18, 17] gloo 2" in done.stdout
-    merged = np.load(tmp_path / "d.npy")
-
-    from simret.data.images import ImageList, RetrievalTransform, list_images
-
-    root, ids = list_images(data / "test")
-    config = encoder.data_config
-    images = ImageList(root, ids, RetrievalTransform(config["mean"], config["std"], 32))
-    with torch.no_grad():
-        expected = torch.cat([encoder(images[i][0][None]) for i in range(len(images))]).numpy()
-    assert merged.shape == (35, encoder.dim)
-    np.testing.assert_allclose(merged, expected, rtol=1e-5, atol=1e-6)
+    assert done.stdout.count("indexed 35 images") == 1 and "1 skipped" in done.stdout  # rank 0 speaks once
+    single = CliRunner().invoke(cli, ["index", str(data / "test"), "--out", str(tmp_path / "one"), *options])
+    assert single.exit_code == 0, single.output
+    merged, expected = read_store(tmp_path / "ddp" / "descriptors.h5"), read_store(tmp_path / "one" / "descriptors.h5")
+    assert merged.ids == expected.ids and len(merged.ids) == 35
+    np.testing.assert_allclose(merged.descriptors, expected.descriptors, rtol=1e-5, atol=1e-6)
+    assert merged.fingerprint == expected.fingerprint
+    assert not (tmp_path / "ddp" / ".partial").exists()  # the shards were merged and removed
+    assert (tmp_path / "ddp" / "skipped.tsv").read_text().count("broken.png") == 1
