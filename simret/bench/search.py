@@ -121,7 +121,8 @@ def run(quick: bool = False) -> Section:
     section.notes.append(f"FAISS {faiss.__version__}: its default distance_compute_blas_threshold "
                          f"({default_threshold}) is compared with n_queries·dim, so up to "
                          f"{default_threshold // dim} queries at d={dim} take a per-query scan that reads the whole "
-                         f"database once per query; simret sets the threshold to 0 during its searches (and restores it).")
+                         f"database once per query; simret sets the threshold to 0 during flat searches over more than "
+                         f"16 MB of vectors (and restores it).")
     section.notes.append(f"ivfpq parameters chosen by auto for {n:,} vectors: {params}; trained on "
                          f"{max(64 * params['nlist'], 10_000):,} sampled vectors; build {build_seconds:.0f} s.")
     section.notes.append(f"{repeat} interleaved runs after a warm-up; section wall time {time.perf_counter() - started:.0f} s.")
