@@ -331,5 +331,12 @@ def test_whitening_ivfpq_and_hnsw_indexes(photos, tmp_path, encoder):
     meta = json.loads((ivf / "meta.json").read_text())
     assert meta["index"]["kind"] == "ivfpq" and meta["index"]["params"]["nlist"] == 2
     assert meta["index"]["params"]["m"] == 8 and meta["index"]["bytes_per_vector"] < 4 * 96
+    query = extract(encoder, photos, ["moon_1.jpg"], max_size=64, workers=0, progress=False).descriptors
+    with h5py.File(ivf / "descriptors.h5", "r") as handle:
+        database, ids = handle["descriptors"][()], list(handle["ids"].asstr()[()])
+    exact = np.argsort(-(query @ database.T)[0], kind="stable")[:3]
     line = jsonl(run("search", ivf, photos / "moon_1.jpg", "-k", "3", "--format", "jsonl"))[0]
-    assert "moon_1.jpg" in line["ids"]
+    assert line["ids"] == [ids[i] for i in exact]  # candidates re-scored with the stored descriptors
+    np.testing.assert_allclose(line["scores"], (query @ database.T)[0][exact], atol=1e-5)
+    coarse = jsonl(run("search", ivf, photos / "moon_1.jpg", "-k", "3", "--rerank", "0", "--format", "jsonl"))[0]
+    assert not np.allclose(coarse["scores"], line["scores"], atol=1e-4)  # compressed-code scores

@@ -5,7 +5,15 @@ import pytest
 
 from simret.retrieval import Index, PCAWhitening, alpha_qe, dba
 from simret.retrieval.index import as_matrix, auto_kind, auto_params, blas_for_small_batches
-from simret.retrieval.store import StoreError, append_store, read_attrs, read_store, store_attrs, write_store
+from simret.retrieval.store import (
+    StoreError,
+    append_store,
+    open_descriptors,
+    read_attrs,
+    read_store,
+    store_attrs,
+    write_store,
+)
 
 
 def unit_rows(n, d, seed=0):
@@ -19,8 +27,12 @@ def brute_force(queries, database, k):
     return np.take_along_axis(scores, order, axis=1), order
 
 
+@pytest.mark.parametrize("blas", [True, False], ids=["blas-path", "faiss-default-path"])
 @pytest.mark.parametrize("n_queries", [1, 3, 70, 400])
-def test_flat_search_equals_numpy_brute_force(n_queries):
+def test_flat_search_equals_numpy_brute_force(n_queries, blas, monkeypatch):
+    import simret.retrieval.index as index_module
+
+    monkeypatch.setattr(index_module, "BLAS_MIN_DATABASE_BYTES", 0 if blas else 1 << 40)
     database, queries = unit_rows(3000, 48, seed=1), unit_rows(n_queries, 48, seed=2)
     index = Index.build(database, "flat")
     scores, ids = index.search(queries, k=7)
@@ -71,6 +83,27 @@ def test_every_kind_saves_loads_and_finds_near_duplicates(tmp_path, kind):
     loaded = Index.load(tmp_path / "x.faiss")
     assert loaded.kind == kind and loaded.params == index.params
     np.testing.assert_array_equal(loaded.search(noisy, 5)[1], ids)
+
+
+def test_ivfpq_rescored_with_exact_vectors_equals_brute_force():
+    database, queries = unit_rows(12000, 32, seed=10), unit_rows(25, 32, seed=11)
+    index = Index.build(database, "ivfpq", nlist=16, nprobe=16)  # every list probed
+    ref_scores, ref_ids = brute_force(queries, database, 5)
+    approx_scores, approx_ids = index.search(queries, 5)
+    assert not np.allclose(approx_scores, ref_scores, atol=1e-4)  # compressed codes: approximate scores
+    scores, ids = index.search(queries, 5, exact=database, rerank=12000)  # all candidates re-scored
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
+    calls = []
+
+    def fetch(rows):
+        calls.append(len(rows))
+        return database[rows]
+
+    few_scores, few_ids = index.search(queries, 5, exact=fetch, rerank=8)
+    assert calls and calls[0] <= 25 * 40  # only the candidates were fetched
+    assert (few_ids[:, 0] == ref_ids[:, 0]).mean() >= 0.9
+    np.testing.assert_allclose(few_scores, np.take_along_axis(queries @ database.T, few_ids, axis=1), atol=1e-5)
 
 
 def test_auto_parameters_follow_the_collection_size():
@@ -131,13 +164,17 @@ def test_store_round_trip_is_plain_h5py(tmp_path):
     np.testing.assert_array_equal(picked.descriptors, x[[4, 0, 4]])
 
 
-def test_store_float16_append_and_fingerprint_check(tmp_path):
+def test_store_float16_append_memmap_and_fingerprint_check(tmp_path):
     x = unit_rows(4, 6)
     path = write_store(tmp_path / "d.h5", x[:2], ["a", "b"], store_attrs(provenance(), scales=(1,)), dtype="float16")
-    append_store(path, x[2:], ["c", "d"], expect_fingerprint=provenance()["fingerprint"])
+    append_store(path, x[2:], ["c", "d"], expect_fingerprint=provenance()["fingerprint"], block=1)
     store = read_store(path)
     assert store.ids == ["a", "b", "c", "d"] and store.descriptors.dtype == np.float32
     np.testing.assert_allclose(store.descriptors, x, atol=1e-3)
+    mapped = open_descriptors(path)
+    assert isinstance(mapped, np.memmap) and mapped.dtype == np.float16 and mapped.shape == (4, 6)
+    np.testing.assert_array_equal(np.asarray(mapped[[3, 1]], np.float32), store.descriptors[[3, 1]])
+    assert read_attrs(path)["fingerprint"] == provenance()["fingerprint"]  # attributes survive the append
     with pytest.raises(StoreError, match="cannot be mixed"):
         append_store(path, x[:1], ["e"], expect_fingerprint="other-simpool-ffff")
     with pytest.raises(StoreError, match="6-d"):

@@ -45,7 +45,8 @@ def _index_params(pairs: Tuple[str, ...]) -> Dict[str, int]:
 @click.option("--whiten-dim", type=int, default=None, help="Keep this many whitened dimensions (default: all).")
 @click.option("--half", is_flag=True, help="Mixed-precision extraction and float16 descriptors on disk.")
 @click.option("-b", "--batch-size", type=int, default=16, show_default=True, help="Images per forward pass.")
-@click.option("-j", "--workers", type=int, default=None, help="Image-loading worker processes (default: up to 4).")
+@click.option("-j", "--workers", type=int, default=None,
+              help="Image-loading worker processes (default: up to 8 beside a GPU; on a CPU, none on ≤ 2 cores).")
 @click.option("--append", is_flag=True, help="Add the images to the existing index (same whitening, no retraining).")
 @click.option("--overwrite", is_flag=True, help="Replace an index built with another model or settings.")
 @click.option("--checkpoint-every", type=int, default=2048, show_default=True,

@@ -38,6 +38,8 @@ def _parse_bbox(text: Optional[str]) -> Optional[Tuple[float, float, float, floa
 @click.option("--alpha", type=float, default=3.0, show_default=True, help="Similarity exponent of --qe and --dba.")
 @click.option("--dba", type=int, default=0, show_default=True, metavar="N",
               help="Database-side augmentation with N neighbours (computed over the whole index at search time).")
+@click.option("--rerank", type=int, default=16, show_default=True, metavar="R",
+              help="ivfpq indexes: re-score the top k·R candidates with the exact stored descriptors (0: off).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
               help="table for people; jsonl: {\"query\", \"ids\", \"scores\"} per line; tsv: query, rank, id, score.")
 @model_options
@@ -45,8 +47,8 @@ def _parse_bbox(text: Optional[str]) -> Optional[Tuple[float, float, float, floa
 @click.option("-j", "--workers", type=int, default=0, show_default=True, help="Image-loading worker processes.")
 @click.pass_context
 def search(ctx: click.Context, index_dir: str, queries: Tuple[str, ...], k: int, bbox: Optional[str],
-           descriptor_file: Optional[str], qe: int, alpha: float, dba: int, fmt: str, model_spec: Dict[str, Any],
-           batch_size: int, workers: int) -> None:
+           descriptor_file: Optional[str], qe: int, alpha: float, dba: int, rerank: int, fmt: str,
+           model_spec: Dict[str, Any], batch_size: int, workers: int) -> None:
     """Rank the images of the index DIR for each QUERY image (files, or folders of images).
 
     \b
@@ -67,8 +69,8 @@ def search(ctx: click.Context, index_dir: str, queries: Tuple[str, ...], k: int,
     log = get_logger("simret.commands.search")
     if k < 1:
         raise click.BadParameter("must be at least 1", param_hint="-k")
-    if qe < 0 or dba < 0:
-        raise click.BadParameter("must be ≥ 0", param_hint="--qe/--dba")
+    if qe < 0 or dba < 0 or rerank < 0:
+        raise click.BadParameter("must be ≥ 0", param_hint="--qe/--dba/--rerank")
     if bool(queries) == bool(descriptor_file):
         raise click.UsageError("give query images or --descriptors FILE.h5 (one of the two)")
     box = _parse_bbox(bbox)
@@ -79,11 +81,27 @@ def search(ctx: click.Context, index_dir: str, queries: Tuple[str, ...], k: int,
         names, raw = _stored_queries(index, descriptor_file)
     else:
         names, raw = _image_queries(ctx, index, queries, box, model_spec, batch_size, workers, log)
-    scores, rows = index.search(raw, k, qe=qe, alpha=alpha, dba=dba)
+    _faiss_on_gpu(ctx, index, model_spec, log)
+    scores, rows = index.search(raw, k, qe=qe, alpha=alpha, dba=dba, rerank=rerank)
     ids = index.ids
     results = [(name, [ids[r] for r in row if r >= 0], [float(s) for s, r in zip(score, row) if r >= 0])
                for name, score, row in zip(names, scores, rows)]
     _write(results, fmt)
+
+
+def _faiss_on_gpu(ctx: click.Context, index, model_spec: Dict[str, Any], log) -> None:
+    """With a CUDA device and a FAISS built with GPU support, search on the GPU (flat and ivfpq)."""
+    from simret.utils.devices import resolve_device
+
+    name = model_spec.get("device") or (getattr(ctx.obj, "device", None) if ctx.obj is not None else None)
+    device = resolve_device(name or "auto")
+    if device.type != "cuda" or index.meta["index"]["kind"] == "hnsw":
+        return
+    try:
+        index.index.to_gpu(device.index or 0)
+        log.info("FAISS search on %s", device)
+    except RuntimeError as err:
+        log.info("FAISS search stays on the CPU: %s", err)
 
 
 def _stored_queries(index, path: str):

@@ -55,9 +55,18 @@ class ExtractedBatch:
     failures: List[Tuple[int, str]]  # (position, reason)
 
 
-def default_workers() -> int:
-    """DataLoader workers: up to 4, one core left to the model."""
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+def default_workers(device: Any = None) -> int:
+    """DataLoader workers for a model on ``device``.
+
+    On an accelerator, loading overlaps the model completely: up to 8 workers, one core left over. On the
+    CPU the model already uses every core (torch intra-op threads) and a worker only steals them, so
+    small machines decode in the main process (0 workers on ≤ 2 cores) and larger ones use a few.
+    """
+    cores = os.cpu_count() or 1
+    kind = getattr(device, "type", str(device or "cpu")).split(":")[0]
+    if kind != "cpu":
+        return max(0, min(8, cores - 1))
+    return max(0, min(4, (cores - 2) // 2))
 
 
 def _keep(item: Any) -> Any:  # DataLoader collate for single items (picklable, unlike a lambda)
@@ -105,7 +114,7 @@ def iter_extract(encoder: Any, root: PathLike, ids: Sequence[str], *, boxes: Opt
     config = encoder.data_config
     transform = RetrievalTransform(tuple(config["mean"]), tuple(config["std"]), max_size)
     dataset = ImageList(root, ids, transform, boxes=boxes)
-    workers = default_workers() if workers is None else int(workers)
+    workers = default_workers(device) if workers is None else int(workers)
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_keep,
                         pin_memory=device.type == "cuda", persistent_workers=False,
                         **({"prefetch_factor": max(2, 2 * batch_size // max(workers, 1))} if workers else {}))
@@ -161,8 +170,8 @@ def extract(encoder: Any, root: PathLike, ids: Sequence[str], *, boxes: Optional
         scales: e.g. ``(1, 1/√2, 1/2)``; each is applied to the ``max_size`` image.
         max_size: long side after the first resize (None: keep the image size).
         batch_size: images per forward pass (only same-size images share one).
-        workers: DataLoader worker processes (default: up to 4, one core left to the model; 0 loads in
-            this process).
+        workers: DataLoader worker processes that decode and resize while the model runs (default:
+            ``default_workers(device)``; 0 loads in this process).
         device: where the encoder runs (default: where its parameters are; the encoder is moved there).
         half: mixed precision (float16 autocast on CUDA/MPS, bfloat16 on CPU); descriptors stay float32.
         progress: show a progress bar on stderr (unless progress bars are switched off globally).

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from simret.retrieval.index import Index, auto_kind
+from simret.retrieval.index import DEFAULT_RERANK, Index, auto_kind
 from simret.retrieval.store import (
     StoreError,
     check_fingerprint,
@@ -482,6 +482,7 @@ class IndexDir:
         self._index: Optional[Index] = None
         self._ids: Optional[List[str]] = None
         self._whitening: Optional[PCAWhitening] = None
+        self._memmap: Optional[np.ndarray] = None
 
     @property
     def fingerprint(self) -> str:
@@ -525,12 +526,23 @@ class IndexDir:
         """Database descriptors in the index's space, exact (read from the store), all or ``rows``."""
         return self.prepare(read_store(self.path / STORE, rows=rows).descriptors)
 
+    def exact_vectors(self, rows: np.ndarray) -> np.ndarray:
+        """Rows of the memory-mapped store in the index's space (what re-scores ivfpq candidates)."""
+        if self._memmap is None:
+            from simret.retrieval.store import open_descriptors
+
+            self._memmap = open_descriptors(self.path / STORE)
+        return self.prepare(np.asarray(self._memmap[np.asarray(rows, dtype=np.int64)]))
+
     def check_queries(self, fingerprint: Optional[str], what: str = "the queries") -> None:
         check_fingerprint(fingerprint, self.fingerprint, what=what, where=f"the index {self.path}")
 
     def search(self, raw_queries: Any, k: int = 10, *, qe: int = 0, alpha: float = 3.0,
-               dba: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+               dba: int = 0, rerank: int = DEFAULT_RERANK) -> Tuple[np.ndarray, np.ndarray]:
         """Search raw query descriptors ``(Q, D)``; optional αQE (``qe`` neighbours) and αDBA (``dba``).
+
+        An ivfpq index re-scores its top ``k·rerank`` candidates with the exact (memory-mapped) stored
+        descriptors (``rerank=0``: compressed scores only).
 
         Returns ``(scores (Q, k'), rows (Q, k'))``; ``rows`` index ``self.ids``.
         """
@@ -547,13 +559,14 @@ class IndexDir:
                 return database[rows]
         else:
             index = self.index
-            vectors = self.database_vectors
-        scores, rows = index.search(queries, max(k, qe))
+            vectors = self.exact_vectors
+        exact = self.exact_vectors if rerank and not dba else None
+        scores, rows = index.search(queries, max(k, qe), exact=exact, rerank=rerank)
         if qe:
             top = rows[:, :qe]
             valid = top >= 0
             unique, inverse = np.unique(np.where(valid, top, 0), return_inverse=True)
             local = np.where(valid, inverse.reshape(top.shape), -1)
             queries = alpha_qe(queries, vectors(unique), local, min(qe, top.shape[1]), alpha, layout="I")
-            scores, rows = index.search(queries, k)
+            scores, rows = index.search(queries, k, exact=exact, rerank=rerank)
         return scores[:, :k], rows[:, :k]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
@@ -117,23 +116,18 @@ def write_store(path: PathLike, descriptors: np.ndarray, ids: Sequence[str], att
         raise StoreError(f"attribute dim={attrs['dim']} but descriptors have {descriptors.shape[1]} columns")
     with atomic_path(path, suffix=".h5") as temporary:
         with h5py.File(temporary, "w") as handle:
-            handle.create_dataset("descriptors", data=descriptors.astype(STORE_DTYPES[dtype], copy=False),
-                                  maxshape=(None, descriptors.shape[1]), chunks=_chunks(descriptors.shape))
-            handle.create_dataset("ids", data=np.asarray(list(ids), dtype=object), maxshape=(None,),
-                                  dtype=h5py.string_dtype("utf-8"), chunks=(max(1, min(len(ids), 65536)),))
+            # contiguous (not chunked, not compressed): rows can be memory-mapped (open_descriptors)
+            handle.create_dataset("descriptors", data=descriptors.astype(STORE_DTYPES[dtype], copy=False))
+            handle.create_dataset("ids", data=np.asarray(list(ids), dtype=object), dtype=h5py.string_dtype("utf-8"))
             for key, value in attrs.items():
                 handle.attrs[key] = _h5_value(value)
     return Path(path)
 
 
-def _chunks(shape) -> tuple:
-    rows = max(1, min(shape[0], max(1, (1 << 20) // max(1, shape[1] * 4))))
-    return (rows, max(1, shape[1]))
-
-
 def append_store(path: PathLike, descriptors: np.ndarray, ids: Sequence[str], *,
-                 expect_fingerprint: Optional[str] = None) -> Path:
-    """Add rows to an existing store, atomically (the file is copied, extended, renamed into place).
+                 expect_fingerprint: Optional[str] = None, block: int = 65536) -> Path:
+    """Add rows to an existing store, atomically: a new file with the old rows (copied in blocks) and the
+    new ones is written next to it and renamed into place.
 
     Raises:
         StoreError: the store was computed by another encoder (``expect_fingerprint``) or has another width.
@@ -145,19 +139,41 @@ def append_store(path: PathLike, descriptors: np.ndarray, ids: Sequence[str], *,
     if expect_fingerprint is not None and attrs.get("fingerprint") != expect_fingerprint:
         raise StoreError(f"{path} holds descriptors of encoder {attrs.get('fingerprint')}, "
                          f"not {expect_fingerprint}: they cannot be mixed")
-    with atomic_path(path, suffix=".h5") as temporary:
-        shutil.copyfile(path, temporary)
-        with h5py.File(temporary, "r+") as handle:
-            table, names = handle["descriptors"], handle["ids"]
-            if descriptors.shape[1] != table.shape[1]:
-                raise StoreError(f"cannot append {descriptors.shape[1]}-d descriptors to the {table.shape[1]}-d "
-                                 f"store {path}")
-            start = table.shape[0]
-            table.resize(start + len(ids), axis=0)
-            names.resize(start + len(ids), axis=0)
-            table[start:] = descriptors.astype(table.dtype, copy=False)
-            names[start:] = np.asarray(list(ids), dtype=object)
+    with h5py.File(path, "r") as source, atomic_path(path, suffix=".h5") as temporary:
+        table, names = source["descriptors"], source["ids"]
+        if descriptors.shape[1] != table.shape[1]:
+            raise StoreError(f"cannot append {descriptors.shape[1]}-d descriptors to the {table.shape[1]}-d "
+                             f"store {path}")
+        start, total = table.shape[0], table.shape[0] + len(ids)
+        with h5py.File(temporary, "w") as handle:
+            out = handle.create_dataset("descriptors", shape=(total, table.shape[1]), dtype=table.dtype)
+            for first in range(0, start, block):
+                last = min(start, first + block)
+                out[first:last] = table[first:last]
+            out[start:] = descriptors.astype(table.dtype, copy=False)
+            handle.create_dataset("ids", data=np.asarray(list(names.asstr()[()]) + list(ids), dtype=object),
+                                  dtype=h5py.string_dtype("utf-8"))
+            for key, value in source.attrs.items():
+                handle.attrs[key] = value
     return Path(path)
+
+
+def open_descriptors(path: PathLike) -> np.ndarray:
+    """The ``descriptors`` dataset as a read-only ``(N, D)`` array without reading it: a ``numpy.memmap`` of
+    the file (stores written by simret are contiguous), or, for chunked/compressed files, the whole
+    dataset read into memory."""
+    import h5py
+
+    path = Path(path)
+    with h5py.File(path, "r") as handle:
+        if "descriptors" not in handle:
+            raise StoreError(f"{path} has no 'descriptors' dataset")
+        table = handle["descriptors"]
+        offset = table.id.get_offset() if table.chunks is None and table.compression is None else None
+        shape, dtype = table.shape, table.dtype
+        if offset is None or not table.size:
+            return np.asarray(table[()])
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
 def read_attrs(path: PathLike) -> Dict[str, Any]:
