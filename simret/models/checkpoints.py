@@ -13,6 +13,8 @@ import json
 import os
 import pickle
 import socket
+import struct
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,7 +252,8 @@ def read_checkpoint(path: str | os.PathLike) -> Tuple[Mapping[str, Any], Dict[st
         meta = json.loads(metadata[SIMRET_FORMAT_KEY]) if SIMRET_FORMAT_KEY in metadata else {}
         return state, meta
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
+        with torch.serialization.safe_globals(_safe_globals()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # garbage reads as odd protocols
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         refused = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "global" in line]
@@ -261,8 +264,11 @@ def read_checkpoint(path: str | os.PathLike) -> Tuple[Mapping[str, Any], Dict[st
             f"weights_only=True for safety): {refused[0]}\n  Re-save only the tensors, e.g. "
             f"torch.save(model.state_dict(), 'clean.pth'), or convert the file to .safetensors."
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise WeightsError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {err}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError, TypeError,
+            AttributeError, struct.error, UnicodeDecodeError, MemoryError) as err:
+        # garbage bytes read as a legacy pickle stream fail in many ways inside the unpickler
+        raise WeightsError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): "
+                           f"{type(err).__name__}: {err}") from None
     if not isinstance(obj, Mapping):
         raise WeightsError(f"{path} holds a {type(obj).__name__}, not a state dict or checkpoint dict")
     meta = dict(obj.get(SIMRET_FORMAT_KEY) or {}) if SIMRET_FORMAT_KEY in obj else {}
