@@ -19,14 +19,6 @@ from simret.utils.distributed import shard_indices, shard_path
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine run far faster on one thread (as torchrun's ranks do)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_shard_indices_are_contiguous_balanced_and_cover_everything():
     for world in range(1, 6):

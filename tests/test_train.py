@@ -24,14 +24,6 @@ from simret.train.trainer import Classifier, _Run, parameter_groups
 TINY = dict(split="train", arch="test_resnet", weights=None, img_size=32, batch_size=8, workers=0, lr=3e-3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine run far faster on one thread (no spinning on busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):

@@ -11,34 +11,20 @@ and a lazily bound function could be shadowed by the sub-module.)
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any, Dict, Tuple
-
 from simret.fewshot.episodes import Episodes, sample_episodes
 from simret.fewshot.evaluate import FewShotResult, confidence_interval, evaluate
+from simret.utils.lazy import lazy_exports
 
-_EXPORTS: Dict[str, Tuple[str, str]] = {
-    "get_method": ("simret.fewshot.methods", "get_method"),
-    "list_methods": ("simret.fewshot.methods", "list_methods"),
-    "FewShotMethod": ("simret.fewshot.methods", "FewShotMethod"),
-    "MissingBaseMeanWarning": ("simret.fewshot.methods", "MissingBaseMeanWarning"),
-    "FeatureBank": ("simret.fewshot.features", "FeatureBank"),
-    "extract_features": ("simret.fewshot.features", "extract_features"),
-    "feature_bank": ("simret.fewshot.features", "feature_bank"),
-    "load_feature_bank": ("simret.fewshot.features", "load_feature_bank"),
+_EXPORTS = {
+    "get_method": "simret.fewshot.methods",
+    "list_methods": "simret.fewshot.methods",
+    "FewShotMethod": "simret.fewshot.methods",
+    "MissingBaseMeanWarning": "simret.fewshot.methods",
+    "FeatureBank": "simret.fewshot.features",
+    "extract_features": "simret.fewshot.features",
+    "feature_bank": "simret.fewshot.features",
+    "load_feature_bank": "simret.fewshot.features",
 }
 
 __all__ = ["Episodes", "sample_episodes", "evaluate", "FewShotResult", "confidence_interval", *_EXPORTS]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        module, attribute = _EXPORTS[name]
-        value = getattr(importlib.import_module(module), attribute)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'simret.fewshot' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

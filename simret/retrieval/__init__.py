@@ -10,8 +10,7 @@ on first use.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from simret.utils.lazy import lazy_exports
 
 _LAZY = {
     "extract": "simret.retrieval.extract",
@@ -32,16 +31,4 @@ _LAZY = {
 }
 
 __all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'simret.retrieval' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

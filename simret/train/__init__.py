@@ -6,8 +6,7 @@ the names below load their modules on first use.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from simret.utils.lazy import lazy_exports
 
 _EXPORTS = {
     "TrainConfig": "simret.train.trainer",
@@ -23,9 +22,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'simret.train' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
