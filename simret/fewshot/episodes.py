@@ -13,10 +13,11 @@ Layout of an episode (class-major, as ``support_labels``/``query_labels`` say)::
     query_labels   (E, n_way*n_query)
     classes        (E, n_way)          the bank label behind episode label 0..n_way-1 (a random order)
 
-Reproducibility: the only random numbers used are uniform doubles from NumPy's PCG64 seeded with
-``SeedSequence(seed)``, a stream NumPy keeps fixed across platforms and versions; classes are picked by
-sorting random keys, images by Floyd's algorithm and a key sort, all in integer/IEEE arithmetic that gives
-the same result on every machine. Every episode consumes a fixed number of doubles in order, so the first
+Reproducibility: the only random numbers used are the raw 64-bit outputs of NumPy's PCG64 seeded with
+``SeedSequence(seed)`` — bit-generator streams are the part of NumPy's RNG that its compatibility policy
+(NEP 19) keeps fixed across platforms and versions, unlike ``Generator`` methods — turned into doubles here
+as ``(raw >> 11) · 2⁻⁵³`` (exact in IEEE arithmetic); classes are picked by sorting random keys, images by
+Floyd's algorithm and a key sort, all in integer/IEEE arithmetic that gives the same result on every machine. Every episode consumes a fixed number of doubles in order, so the first
 ``n`` episodes of a longer run are exactly the episodes of a run with ``n_episodes=n``.
 """
 from __future__ import annotations
@@ -120,14 +121,14 @@ def sample_episodes(labels: Sequence[Any], n_way: int, n_shot: int, n_query: int
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     counts = counts.astype(np.int64)
 
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(int(seed))))
+    bits = np.random.PCG64(np.random.SeedSequence(int(seed)))
     draws = n_classes + 2 * n_way * per_class  # doubles consumed by one episode, always in this order
     support = np.empty((n_episodes, n_way * n_shot), dtype=np.int64)
     query = np.empty((n_episodes, n_way * n_query), dtype=np.int64)
     chosen = np.empty((n_episodes, n_way), dtype=np.int64)
     for begin in range(0, n_episodes, _CHUNK):
         e = min(_CHUNK, n_episodes - begin)
-        keys = rng.random((e, draws))
+        keys = _uniforms(bits, (e, draws))
         classes = np.argsort(keys[:, :n_classes], axis=1, kind="stable")[:, :n_way]  # (e, W) distinct
         picks = _floyd(counts[classes], keys[:, n_classes:n_classes + n_way * per_class].reshape(e, n_way, per_class))
         shuffle = np.argsort(keys[:, n_classes + n_way * per_class:].reshape(e, n_way, per_class), axis=2, kind="stable")
@@ -142,6 +143,13 @@ def sample_episodes(labels: Sequence[Any], n_way: int, n_shot: int, n_query: int
     if np.issubdtype(class_values.dtype, np.integer):
         class_values = class_values.astype(np.int64)
     return Episodes(support, support_labels, query, query_labels, class_values, n_way, n_shot, n_query, int(seed))
+
+
+def _uniforms(bits: np.random.PCG64, shape: tuple) -> np.ndarray:
+    """Uniform doubles in [0, 1) from the bit generator's raw stream: the top 53 bits of each 64-bit output
+    times 2⁻⁵³ (what ``Generator.random`` computes today, but fixed here whatever NumPy's methods become)."""
+    raw = bits.random_raw(int(np.prod(shape))).reshape(shape)
+    return (raw >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)
 
 
 def _floyd(sizes: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
