@@ -130,3 +130,14 @@ def test_class_size_check_names_small_classes_and_counts(tmp_path):
     split.check_n_way(3)
     with pytest.raises(ValueError, match="5-way episodes need 5 classes, but split 'test' .* has only 3: big, small, tiny"):
         split.check_n_way(5)
+
+
+def test_csv_with_byte_order_mark_and_crlf_line_ends(tmp_path):
+    # CSVs saved by spreadsheet tools on Windows start with a UTF-8 BOM and end lines with CRLF
+    _image(tmp_path / "images" / "n0153282900000005.jpg")
+    _image(tmp_path / "images" / "n0153282900000006.jpg")
+    (tmp_path / "test.csv").write_bytes(b"\xef\xbb\xbffilename,label\r\nn0153282900000005.jpg,n01532829\r\n"
+                                        b"n0153282900000006.jpg,n01532829\r\n")
+    split = load_split(tmp_path, "test")
+    assert split.format == "miniimagenet" and split.classes == ["n01532829"]
+    assert split.ids == ["n0153282900000005.jpg", "n0153282900000006.jpg"] and split.labels.tolist() == [0, 0]

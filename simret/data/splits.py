@@ -182,7 +182,7 @@ def load_csv_split(root: PathLike, split: str, images_dir: Optional[PathLike] = 
 
 
 def _read_csv_rows(csv_path: Path) -> List[Tuple[str, str]]:
-    with open(csv_path, newline="", encoding="utf-8") as handle:
+    with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # -sig: a BOM from spreadsheet tools
         reader = csv.reader(handle)
         header = next(reader, None)
         if header is None:
