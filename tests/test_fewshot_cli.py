@@ -104,3 +104,12 @@ def test_script_wrapper_shows_the_command_help():
     script = Path(__file__).resolve().parent.parent / "scripts" / "run_fewshot.py"
     out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, check=True).stdout
     assert "SPLIT_ROOT" in out and "--shot" in out and "--method" in out
+
+
+def test_base_split_equal_to_the_evaluated_split_is_not_used(samples, tmp_path):
+    result = _run(samples / "folders", *MODEL, "--split", "train", "--shot", "1", "--query", "2", "--episodes", "5",
+                  "--features-dir", tmp_path / "f", "--out", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    assert "--base-split 'train' is the evaluated split" in result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["base_split"] is None and report["results"][0]["protocol"] == "simpleshot: sqeuclidean, norm=l2n"

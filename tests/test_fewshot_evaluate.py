@@ -173,3 +173,33 @@ def test_uneven_shots_per_class_and_missing_classes(bank):
     broken = dataclasses.replace(episodes, support_labels=np.zeros((30, 4), np.int64))
     with pytest.raises(ValueError, match="episode 0 has no support example of class 1"):
         evaluate(features, broken, "protonet")
+
+
+def test_progress_bar_counts_every_episode_and_changes_nothing(bank, episodes, monkeypatch):
+    from simret.utils import progress as progress_module
+
+    bars = []
+
+    class Recorder:
+        def __init__(self, total, desc, unit):
+            self.total, self.desc, self.done = total, desc, 0
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n):
+            self.done += n
+
+    monkeypatch.setattr(progress_module, "progress", lambda total, desc, unit: Recorder(total, desc, unit))
+    features, _ = bank
+    for name, kwargs in (("protonet", {}), ("softkmeans", {})):
+        quiet = evaluate(features, episodes, name, chunk_size=7, **kwargs).accuracies
+        assert not bars  # no label, no bar
+        shown = evaluate(features, episodes, name, chunk_size=7, progress=f"{name} 3-shot", **kwargs).accuracies
+        np.testing.assert_array_equal(shown, quiet)
+        bar = bars.pop()
+        assert (bar.total, bar.desc, bar.done) == (60, f"{name} 3-shot", 60)

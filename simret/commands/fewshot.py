@@ -78,11 +78,15 @@ def fewshot(ctx: click.Context, split_root: Path, split_format: str, split: str,
     wants_base = any(name in BASE_MEAN_METHODS for name in method_list)
     base = None
     if wants_base:
-        if base_split != split and base_split in available_splits(split_root, split_format):
+        needing = "/".join(n for n in method_list if n in BASE_MEAN_METHODS)
+        if base_split == split:
+            log.warning("--base-split %r is the evaluated split: %s will use L2N instead of CL2N (no base mean)",
+                        base_split, needing)
+        elif base_split in available_splits(split_root, split_format):
             base = load_split(split_root, base_split, split_format)
         else:
             log.warning("no %r split under %s: %s will use L2N instead of CL2N (no base mean)", base_split, split_root,
-                        "/".join(n for n in method_list if n in BASE_MEAN_METHODS))
+                        needing)
 
     from simret.commands.options import build_encoder
     from simret.fewshot.features import bank_settings, feature_bank
@@ -113,7 +117,7 @@ def fewshot(ctx: click.Context, split_root: Path, split_format: str, split: str,
                     warnings.simplefilter("ignore", MissingBaseMeanWarning)
                 method = get_method(name, **kwargs)
             log.debug("%d-shot: %s", shot, method.describe())
-            result = evaluate(bank.features, episodes, method)
+            result = evaluate(bank.features, episodes, method, progress=f"{name} {shot}-shot")
             results.append({**result.to_dict(), "method": name, "protocol": method.describe()})
             table[name][shot] = result.format()
 

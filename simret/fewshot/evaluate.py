@@ -98,7 +98,7 @@ class FewShotResult:
 
 def evaluate(features: Any, episodes: Episodes, method: Union[str, Callable, FewShotMethod] = "protonet", *,
              chunk_size: Optional[int] = None, device: Optional[Union[str, torch.device]] = None,
-             **kwargs: Any) -> FewShotResult:
+             progress: Optional[str] = None, **kwargs: Any) -> FewShotResult:
     """Accuracy of ``method`` on ``episodes`` drawn from the feature bank ``features``.
 
     Args:
@@ -109,6 +109,8 @@ def evaluate(features: Any, episodes: Episodes, method: Union[str, Callable, Few
             scores (E,Q,n_way)`` (tensors in; tensor or array out).
         chunk_size: episodes per chunk (default: a budget of 16–32 MB of gathered features or prototypes).
         device: where to compute (default: the features' device; CPU for arrays).
+        progress: a label to show a progress bar over the episodes on stderr (e.g. ``"logreg 5-shot"``);
+            None (default): no bar. Bars follow ``simret.utils.progress`` (off with ``simret -q``).
 
     Returns:
         ``FewShotResult`` with ``accuracies (E,)``, ``mean``, ``std``, ``ci95``.
@@ -133,11 +135,11 @@ def evaluate(features: Any, episodes: Episodes, method: Union[str, Callable, Few
     _check_episodes(episodes, bank.shape[0])
     if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    with torch.inference_mode():
+    with _bar(progress, len(episodes)) as bar, torch.inference_mode():
         if isinstance(method, PrototypeMethod):
-            accuracies = _prototype_accuracies(bank, episodes, method, chunk_size)
+            accuracies = _prototype_accuracies(bank, episodes, method, chunk_size, bar)
         else:
-            accuracies = _generic_accuracies(bank, episodes, method, chunk_size)
+            accuracies = _generic_accuracies(bank, episodes, method, chunk_size, bar)
     return FewShotResult(accuracies, str(name), episodes.n_way, episodes.n_shot, episodes.n_query, episodes.seed)
 
 
@@ -158,7 +160,24 @@ def _chunk(chunk: Optional[int], rows_per_episode: int, dim: int, budget: int = 
     return int(chunk) if chunk is not None else max(1, budget // max(1, rows_per_episode * dim))
 
 
-def _generic_accuracies(bank: torch.Tensor, episodes: Episodes, method: Callable, chunk: Optional[int]) -> np.ndarray:
+def _bar(label: Optional[str], total: int):
+    """A progress bar over ``total`` episodes, or a do-nothing stand-in when ``label`` is None."""
+    import contextlib
+
+    if label is None:
+        return contextlib.nullcontext(_NoBar())
+    from simret.utils.progress import progress
+
+    return progress(total=total, desc=str(label), unit="episode")
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+
+def _generic_accuracies(bank: torch.Tensor, episodes: Episodes, method: Callable, chunk: Optional[int],
+                        bar: Any = None) -> np.ndarray:
     """Any method: gather each chunk's features, call the method once per chunk."""
     from simret.fewshot.methods import as_tensor
 
@@ -177,11 +196,13 @@ def _generic_accuracies(bank: torch.Tensor, episodes: Episodes, method: Callable
             raise ValueError(f"method returned scores of shape {tuple(scores.shape)} for queries "
                              f"{tuple(query.shape[:2])}")
         out[begin:begin + e] = _accuracy(scores.argmax(-1).cpu().numpy(), part.query_labels)
+        if bar is not None:
+            bar.update(e)
     return out
 
 
 def _prototype_accuracies(bank: torch.Tensor, episodes: Episodes, method: PrototypeMethod,
-                          chunk: Optional[int]) -> np.ndarray:
+                          chunk: Optional[int], bar: Any = None) -> np.ndarray:
     """Nearest-prototype methods scored from the (normalised) bank; see the module docstring."""
     import torch
 
@@ -212,6 +233,8 @@ def _prototype_accuracies(bank: torch.Tensor, episodes: Episodes, method: Protot
                 scores -= half_norms.unsqueeze(1)
             predictions = scores.argmax(-1).cpu().numpy()
         out[begin:begin + e] = _accuracy(predictions, part.query_labels)
+        if bar is not None:
+            bar.update(e)
     return out
 
 
