@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from simret.models import SimPool
+from simret.models.simpool import to_tokens
 
 
 @torch.no_grad()
@@ -180,3 +181,99 @@ def test_bad_inputs_raise_clearly():
         pool(torch.randn(2, 6, 3, 3))
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         pool(torch.randn(2, 8))
+
+
+class OfficialSimPool(torch.nn.Module):
+    """The official module (github.com/billpsomas/simpool, README version), transcribed line by line;
+    the only change is that its tensors follow the input's device instead of being created on 'cuda'."""
+
+    def __init__(self, dim, num_heads=1, qkv_bias=False, qk_scale=None, gamma=None, use_beta=False):
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.scale = qk_scale or head_dim ** -0.5
+        self.norm_patches = torch.nn.LayerNorm(dim, eps=1e-6)
+        self.wq = torch.nn.Linear(dim, dim, bias=qkv_bias)
+        self.wk = torch.nn.Linear(dim, dim, bias=qkv_bias)
+        if gamma is not None:
+            if use_beta:
+                self.beta = torch.nn.Parameter(torch.tensor([0.0]))
+        self.gamma = gamma
+        self.use_beta = use_beta
+
+    def prepare_input(self, x):
+        if len(x.shape) == 3:  # Transformer
+            gap_cls = x.mean(-2).unsqueeze(1)  # GAP of the raw tokens
+            return gap_cls, x
+        B, d, H, W = x.shape  # CNN
+        gap_cls = x.mean([-2, -1])
+        x = x.reshape(B, d, H * W).permute(0, 2, 1)
+        return gap_cls.unsqueeze(1), x
+
+    def forward(self, x):
+        gap_cls, x = self.prepare_input(x)
+        x = self.norm_patches(x)
+        q, k, v = gap_cls, x, x
+        B, N, C = k.shape
+        q = self.wq(q).reshape(B, 1, self.num_heads, C // self.num_heads).permute(0, 2, 1, 3)
+        k = self.wk(k).reshape(B, N, self.num_heads, C // self.num_heads).permute(0, 2, 1, 3)
+        v = v.reshape(B, N, self.num_heads, C // self.num_heads).permute(0, 2, 1, 3)
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        if self.gamma is not None:
+            gamma = torch.tensor([self.gamma], device=x.device)
+            eps = torch.tensor([1e-6], device=x.device)
+            x = torch.pow(attn @ torch.pow((v - v.min() + eps), gamma), 1 / gamma)
+            if self.use_beta:
+                x = x + self.beta
+        else:
+            x = attn @ v
+        return x.squeeze()
+
+
+@pytest.mark.parametrize("kwargs", CASES, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()) or "default")
+@pytest.mark.parametrize("layout", ["cnn", "vit"])
+def test_equals_official_module_for_one_image(kwargs, layout):
+    """Official checkpoints load unchanged into our module and give the same descriptor for one image."""
+    pool = make_pool(24, **kwargs)
+    official = OfficialSimPool(24, **kwargs)
+    official.load_state_dict(pool.state_dict(), strict=True)
+    torch.manual_seed(3)
+    x = torch.randn(1, 24, 3, 5) if layout == "cnn" else torch.randn(1, 15, 24)
+    with torch.no_grad():
+        expected = official(x).reshape(-1)  # the official module squeezes the batch (and head) dimensions
+        ours = pool(x)
+    assert ours.shape == (1, 24)
+    torch.testing.assert_close(ours[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_official_module_mixes_the_batch_and_ours_does_not():
+    """The official γ shift is the minimum over the whole batch; ours is per image."""
+    pool = make_pool(16, gamma=2.0)
+    official = OfficialSimPool(16, gamma=2.0)
+    official.load_state_dict(pool.state_dict())
+    torch.manual_seed(4)
+    image = torch.randn(1, 16, 3, 3)
+    neighbour = torch.randn(1, 16, 3, 3) * 0.01
+    channel = int(pool.norm_patches.weight.argmax())  # one channel far below the rest: after the
+    neighbour[:, channel] = -100.0                     # LayerNorm about -sqrt(15) * weight, below the image's
+    with torch.no_grad():
+        normed = pool.norm_patches  # the premise: the neighbour's LayerNorm-ed minimum is the lower one
+        assert normed(to_tokens(neighbour)).min() < normed(to_tokens(image)).min() - 1.0
+        official_alone = official(image)
+        official_batched = official(torch.cat([image, neighbour]))[0]
+        ours_batched = pool(torch.cat([image, neighbour]))[0]
+    assert not torch.allclose(official_batched, official_alone, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(ours_batched, official_alone, rtol=1e-5, atol=1e-6)
+
+
+def test_scoring_never_projects_the_tokens_through_wk():
+    """Wk is applied to the query once: far fewer FLOPs than the N·d² of projecting every token."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dim, tokens = 256, 196
+    pool = SimPool(dim, gamma=2.0, qkv_bias=True)
+    x = torch.randn(2, tokens, dim)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        pool(x)
+    per_token_projection = 2 * 2 * tokens * dim * dim  # what wk(tokens) alone would cost for the batch
+    assert 0 < counter.get_total_flops() < per_token_projection / 10

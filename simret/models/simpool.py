@@ -2,12 +2,14 @@
 
 Given features ``X`` of ``N`` tokens of width ``d`` (CNN locations or ViT patch tokens):
 
-* the query is the global average of the tokens, ``q = Wq · mean_n(x_n)`` (as the official module does,
-  the average is taken over the features as they come in, before the LayerNorm);
+* the query is the global average of the RAW, un-normalised tokens, ``q = Wq · mean_n(x_n)``: the
+  official code takes this GAP before its ``norm_patches`` LayerNorm, so the LayerNorm never touches the
+  query. We keep exactly that (not ``mean_n LN(x_n)``), so official checkpoints give official descriptors;
 * keys and values are the LayerNorm-ed tokens ``k_n = v_n = LN(x_n)``; keys are projected by ``Wk``;
 * attention ``a = softmax(scale · <q, Wk k_n>)`` over the ``N`` tokens, per head;
 * the pooled vector is the attention-weighted mean of the values, or with ``gamma`` the generalised
-  (power) mean ``(sum_n a_n (v_n - min v + eps)^gamma)^(1/gamma)`` plus an optional learnt ``beta``.
+  (power) mean ``(sum_n a_n (v_n - min v + eps)^gamma)^(1/gamma)`` (``min v``: the smallest value of
+  this image's LayerNorm-ed tokens) plus an optional learnt ``beta``.
 
 Parameter names (``norm_patches``, ``wq``, ``wk``, ``beta``) and shapes are those of the official module so
 its checkpoints load unchanged. Unlike the official module this one runs on any device and dtype, keeps
@@ -43,6 +45,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 class SimPool(nn.Module):
     """SimPool global pooling; state-dict compatible with the official ``SimPool`` module.
+
+    As in the official code, the query is the GAP of the incoming (un-normalised) tokens; only keys and
+    values pass through ``norm_patches``.
 
     Args:
         dim: channel width ``d`` of the incoming features.
