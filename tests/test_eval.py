@@ -43,6 +43,24 @@ def test_evaluate_encoder_equals_metrics_on_extracted_descriptors(data, tmp_path
     assert report.counts == {"database": len(dataset.imlist), "queries": len(dataset.qimlist), "distractors": 0}
 
 
+def test_queries_are_extracted_cropped_to_their_boxes(data, tmp_path, monkeypatch):
+    import simret.retrieval.extract as extract_module
+    from simret.data.revisited import load_revisited
+
+    calls = []
+    original = extract_module.extract
+
+    def recording(encoder, root, ids, **kwargs):
+        calls.append((list(ids), kwargs.get("boxes")))
+        return original(encoder, root, ids, **kwargs)
+
+    monkeypatch.setattr(extract_module, "extract", recording)
+    encoder = create_encoder("test_resnet")
+    evaluate_encoder(encoder, data, "rsample", EvalSettings(max_size=64, workers=0, cache_dir=tmp_path / "cache"))
+    dataset = load_revisited(data, "rsample")
+    assert calls == [(dataset.query_ids, dataset.query_boxes)]  # the queries, each with its bbx
+
+
 def test_distractors_qe_and_dba_configurations(data, tmp_path):
     encoder = create_encoder("test_resnet", gamma=2.0)
     settings = EvalSettings(max_size=96, workers=0, cache_dir=tmp_path / "cache", distractors="revisitop1m",
@@ -83,6 +101,12 @@ def test_missing_dataset_names_the_expected_path(tmp_path):
                                       "--weights", "none"])
     assert result.exit_code == 1
     assert "roxford5k" in result.output and str(tmp_path) in result.output
+
+
+def test_more_qe_neighbours_than_images_is_a_clear_error(data, tmp_path):
+    with pytest.raises(ValueError, match="--qe 1000 asks for more neighbours than the .* images of rsample"):
+        evaluate_encoder(create_encoder("test_resnet"), data, "rsample",
+                         EvalSettings(max_size=64, workers=0, qe=1000, cache_dir=tmp_path / "c"))
 
 
 def test_unreadable_database_image_is_an_error(data, tmp_path):

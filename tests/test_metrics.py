@@ -102,6 +102,14 @@ def test_image_both_positive_and_junk_gives_tied_trapezoid_positions():
     assert_same(result, reference_map(ranks, [{"ok": [7, 4], "junk": [7]}]))
 
 
+def test_repeated_positive_in_ok_counts_in_the_recall_step():
+    # revisitop divides by len(ok), repeats included: ok = [3, 3] with 3 on top → (1 + 1) / 2 / 2 = 1/2
+    ranks = column(3, 0, 1, 2)
+    mean_ap, aps, _, prs = compute_map(ranks, [{"ok": [3, 3]}], kappas=[1, 5])
+    assert mean_ap == pytest.approx(0.5, abs=1e-15) and prs[0].tolist() == [1.0, 1.0]
+    assert_same(compute_map(ranks, [{"ok": [3, 3]}], [1, 5]), reference_map(ranks, [{"ok": [3, 3]}], [1, 5]))
+
+
 def test_mean_precision_at_k_with_the_protocols_min_rule():
     ranks = column(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
     # positives at 1-based positions 2, 3, 7

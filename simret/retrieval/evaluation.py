@@ -77,11 +77,11 @@ def cached_descriptors(encoder: Any, paths: Sequence[Path], cache: Path, setting
         ValueError: some images could not be read and ``allow_failures`` is False (they are named).
     """
     from simret.retrieval.indexdir import IndexSettings, build_index, path_key
-    from simret.retrieval.store import read_store
 
     cache.mkdir(parents=True, exist_ok=True)
     listing = cache / "images.txt"
-    text = "".join(f"{Path(p).resolve()}\n" for p in paths)
+    resolved = [str(Path(p).resolve()) for p in paths]
+    text = "".join(f"{p}\n" for p in resolved)
     if not listing.is_file() or listing.read_text() != text:
         listing.write_text(text)
     index_settings = IndexSettings(scales=tuple(settings.scales), max_size=settings.max_size, kind="flat",
@@ -92,14 +92,22 @@ def cached_descriptors(encoder: Any, paths: Sequence[Path], cache: Path, setting
         shown = "; ".join(f"{i}: {reason}" for i, reason in summary.failures[:5])
         raise ValueError(f"{len(summary.failures)} {what} image(s) could not be read ({shown}); the protocol needs "
                          f"every one of them")
-    store = read_store(cache / "index" / "descriptors.h5")
     root = listing.parent
-    position = {path_key(root, image_id): row for row, image_id in enumerate(store.ids)}
-    order = [position.get(str(Path(p).resolve()), -1) for p in paths]
+    stored_ids = _store_ids(cache / "index" / "descriptors.h5")
+    position = {path_key(root, image_id): row for row, image_id in enumerate(stored_ids)}
+    order = [position.get(p, -1) for p in resolved]
     missing = [str(p) for p, row in zip(paths, order) if row < 0]
     if missing and not allow_failures:
         raise ValueError(f"{len(missing)} {what} image(s) have no descriptor, e.g. {missing[0]}")
     return cache / "index" / "descriptors.h5", [row for row in order if row >= 0]
+
+
+def _store_ids(store_path: Path) -> List[str]:
+    """The ``ids`` of a descriptor store, without reading its descriptors (8 GB for R1M at 2048-d)."""
+    import h5py
+
+    with h5py.File(store_path, "r") as handle:
+        return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in handle["ids"][()]]
 
 
 def _settings_key(encoder: Any, settings: EvalSettings) -> str:
@@ -169,6 +177,8 @@ def evaluate_encoder(encoder: Any, data_root: Path, dataset_name: str, settings:
     dataset = load_revisited(data_root, dataset_name)
     distractors = load_distractors(data_root, settings.distractors) if settings.distractors else None
     n_db, n_dis = len(dataset.imlist), len(distractors.ids) if distractors is not None else 0
+    if settings.qe > n_db:
+        raise ValueError(f"--qe {settings.qe} asks for more neighbours than the {n_db} images of {dataset.name}")
     if settings.dba and n_db + n_dis > DBA_LIMIT:
         raise ValueError(f"--dba needs an exact all-pairs search over {n_db + n_dis:,} descriptors; it is supported "
                          f"up to {DBA_LIMIT:,} (use --qe with distractors)")
