@@ -91,3 +91,37 @@ def test_image_list_crops_boxes(folder):
     dataset = ImageList(folder, ["a.jpg"], transform, boxes=[(0, 0, 10, 5)])
     tensor, _ = dataset[0]
     assert tensor.shape == (3, 5, 10)
+
+
+def _jpeg_with_exif(path, exif_bytes, size=(8, 6)):
+    Image.new("RGB", size, "red").save(path, "JPEG", exif=exif_bytes)
+
+
+def test_exif_orientation_is_applied_even_when_other_exif_tags_are_malformed(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    exif[0x010F] = "maker"
+    _jpeg_with_exif(tmp_path / "rotated.jpg", exif.tobytes())
+    assert load_image(tmp_path / "rotated.jpg").size == (6, 8)
+    # the Make tag (0x010F, ASCII) turned into XResolution (0x011A, a RATIONAL) holding BYTEs, as broken
+    # camera firmware writes it: PIL's exif_transpose raises TypeError while rewriting the block
+    broken = bytearray(exif.tobytes())
+    entry = broken.index(b"\x01\x0f\x00\x02")
+    broken[entry:entry + 4] = b"\x01\x1a\x00\x01"
+    _jpeg_with_exif(tmp_path / "bad_exif.jpg", bytes(broken))
+    assert load_image(tmp_path / "bad_exif.jpg").size == (6, 8)  # the pixels are fine: still upright
+
+
+def test_unexpected_decoder_errors_become_image_read_errors(folder, monkeypatch):
+    import struct
+
+    import simret.data.images as images
+
+    def exploding_open(path):
+        raise struct.error("unpack requires a buffer of 4 bytes")
+
+    monkeypatch.setattr(images.Image, "open", exploding_open)
+    with pytest.raises(ImageReadError, match="unreadable .error: unpack requires"):
+        load_image(folder / "a.jpg")
+    item = ImageList(folder, ["a.jpg"], RetrievalTransform((0, 0, 0), (1, 1, 1), None))[0]
+    assert isinstance(item, Failed) and "unpack requires" in item.reason  # a DataLoader worker survives it

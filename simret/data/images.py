@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 MAX_PIXELS = 20_000 * 20_000  # decompression-bomb guard: larger images are refused, not decoded
@@ -103,8 +103,7 @@ def load_image(path: PathLike) -> Image.Image:
                 if handle.width * handle.height > MAX_PIXELS:
                     raise ImageReadError(path, f"too large ({handle.width}x{handle.height} pixels)")
                 handle.load()
-                image = ImageOps.exif_transpose(handle)
-                return image.convert("RGB")
+                return _apply_orientation(handle).convert("RGB")
     except ImageReadError:
         raise
     except UnidentifiedImageError:
@@ -116,6 +115,25 @@ def load_image(path: PathLike) -> Image.Image:
         if "truncated" in reason.lower() or "broken data stream" in reason.lower():
             reason = f"truncated or corrupt ({reason})"
         raise ImageReadError(path, reason) from None
+    except Exception as err:  # noqa: BLE001 - PIL raises many types on malformed files (struct.error, EOFError …)
+        message = str(err).split("\n")[0]
+        raise ImageReadError(path, f"unreadable ({type(err).__name__}{': ' + message if message else ''})") from None
+
+
+_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}  # EXIF orientation → transpose (as ImageOps.exif_transpose)
+
+
+def _apply_orientation(image: Image.Image) -> Image.Image:
+    """The pixels turned upright by the EXIF orientation tag. Unlike ``ImageOps.exif_transpose`` nothing of
+    the EXIF block is rewritten, so a malformed block elsewhere never rejects a good picture; an unreadable
+    or nonsensical orientation leaves the image as stored."""
+    try:
+        method = _ORIENTATION.get(image.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - malformed EXIF: keep the pixels as stored
+        method = None
+    return image.transpose(method) if method is not None else image
 
 
 def crop_box(image: Image.Image, box: Optional[Sequence[float]]) -> Image.Image:
