@@ -126,6 +126,14 @@ def test_add_appends_ids_in_order():
     assert ids[:, 0].tolist() == [5, 75]
 
 
+def test_large_ivfpq_codes_get_float16_lookup_tables_on_gpu():
+    from simret.retrieval.index import gpu_needs_float16_tables
+
+    big = auto_params("ivfpq", 1_000_000, 384)  # m=64, nbits=8: a 64 KiB float32 table per query
+    assert gpu_needs_float16_tables(big["m"], big["nbits"])
+    assert not gpu_needs_float16_tables(48, 8) and not gpu_needs_float16_tables(8, 8)
+
+
 def test_to_gpu_is_guarded():
     import faiss
 
@@ -133,6 +141,9 @@ def test_to_gpu_is_guarded():
     if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:  # pragma: no cover - GPU machines
         index.to_gpu()
         assert index.on_gpu and index.search(unit_rows(1, 8), 1)[1].shape == (1, 1)
+        database = unit_rows(10_000, 128, seed=12)
+        ivfpq = Index.build(database, "ivfpq", nlist=4, m=64, nbits=8).to_gpu()  # needs float16 tables
+        assert ivfpq.search(database[:5], 3, exact=database)[1][:, 0].tolist() == [0, 1, 2, 3, 4]
     else:
         with pytest.raises(RuntimeError, match="GPU"):
             index.to_gpu()

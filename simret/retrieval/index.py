@@ -31,6 +31,8 @@ AUTO_FLAT_MAX = 200_000  # exact search stays fast (~0.2 s for 70 queries on 2 c
 DEFAULT_RERANK = 16  # ivfpq with exact vectors: candidates per result re-scored exactly
 BLAS_THRESHOLD = 0  # every query batch through BLAS …
 BLAS_MIN_DATABASE_BYTES = 16 << 20  # … once the vectors outgrow the CPU caches (below, FAISS' scan is as fast)
+GPU_MAX_K = 2048  # the largest k FAISS' GPU indexes select
+GPU_SHARED_MEMORY = 48 << 10  # bytes per block FAISS' GPU IVFPQ kernels may use for a query's lookup table
 
 
 def as_matrix(x: Any, dim: Optional[int] = None, *, what: str = "vectors") -> np.ndarray:
@@ -98,6 +100,12 @@ def auto_params(kind: str, n: int, dim: int) -> Dict[str, int]:
         small = n < 100_000
         return {"M": 16 if small else 32, "efConstruction": 80 if small else 160, "efSearch": 64 if small else 128}
     raise ValueError(f"unknown index kind {kind!r}: use one of {', '.join(KINDS)}")
+
+
+def gpu_needs_float16_tables(m: int, nbits: int) -> bool:
+    """Whether an ivfpq index with ``m`` sub-quantizers of ``nbits`` needs float16 lookup tables on a GPU:
+    FAISS keeps a query's ``m · 2^nbits`` table in shared memory (e.g. m=64, nbits=8: 64 KiB as float32)."""
+    return int(m) * (1 << int(nbits)) * 4 > GPU_SHARED_MEMORY
 
 
 def _floor_power_of_two(value: int) -> int:
@@ -214,6 +222,8 @@ class Index:
             return np.zeros((x.shape[0], k), np.float32), np.zeros((x.shape[0], k), np.int64)
         refine = exact is not None and self.kind == "ivfpq" and rerank > 1
         depth = min(self.ntotal, k * int(rerank)) if refine else k
+        if self.on_gpu:  # FAISS' GPU k-selection stops at GPU_MAX_K
+            depth = max(k, min(depth, GPU_MAX_K))
         hnsw = getattr(self.faiss, "hnsw", None)
         if hnsw is not None and hnsw.efSearch < depth:
             hnsw.efSearch = depth
@@ -332,8 +342,12 @@ class Index:
             raise RuntimeError(f"GPU {device} asked for, FAISS sees {count}")
         if self.kind == "hnsw":
             raise ValueError("FAISS cannot run an HNSW index on a GPU; use flat or ivfpq")
-        self._gpu_resources = faiss.StandardGpuResources()
-        self.faiss = faiss.index_cpu_to_gpu(self._gpu_resources, device, self._cpu_index())
+        options = faiss.GpuClonerOptions()
+        if self.kind == "ivfpq":  # float16 lookup tables where float32 ones overflow the 48 KiB of shared memory
+            options.useFloat16 = gpu_needs_float16_tables(self.params["m"], self.params["nbits"])
+        resources = faiss.StandardGpuResources()
+        self.faiss = faiss.index_cpu_to_gpu(resources, device, self._cpu_index(), options)
+        self._gpu_resources = resources
         return self
 
     @property
