@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 import click
 
 from simret import __version__
+from simret.commands.options import DEVICE_METAVAR, check_device_name
 from simret.utils.logs import setup_logging
 
 # name → "module:function"; the order is the order of ``simret --help``
@@ -87,8 +88,9 @@ def _module_exists(target: str) -> bool:
 @click.version_option(__version__, "-V", "--version", prog_name="simret")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
 @click.option("-q", "--quiet", count=True, help="Only warnings and errors on stderr; no progress bars.")
-@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]|mps",
-              help="Where models run, unless a command's own --device says otherwise.")
+@click.option("--device", default="auto", show_default=True, metavar=DEVICE_METAVAR, callback=check_device_name,
+              help="Where models run, unless a command's own --device says otherwise (auto: CUDA, then MPS, "
+                   "then the CPU).")
 @click.pass_context
 def cli(ctx: click.Context, verbose: int, quiet: int, device: str) -> None:
     """simret: image retrieval and few-shot learning with SimPool-pooled timm encoders.

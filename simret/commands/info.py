@@ -6,9 +6,10 @@ import click
 
 @click.command(short_help="Versions, devices, FAISS GPU support, known official checkpoints.")
 @click.option("--checkpoints", is_flag=True, help="Also list the official SimPool checkpoints (weights=simpool:NAME).")
-def info(checkpoints: bool) -> None:
-    """Print the versions of simret and its dependencies, the devices torch sees and whether FAISS can
-    use a GPU. Useful in bug reports."""
+@click.pass_context
+def info(ctx: click.Context, checkpoints: bool) -> None:
+    """Print the versions of simret and its dependencies, the devices torch sees, the device models would
+    run on (simret --device) and whether FAISS can use a GPU. Useful in bug reports."""
     import platform
 
     from simret import __version__
@@ -25,6 +26,13 @@ def info(checkpoints: bool) -> None:
     mps = getattr(torch.backends, "mps", None)
     rows.append(("mps", "available" if mps is not None and mps.is_available() else "not available"))
     rows.append(("cpu threads", str(torch.get_num_threads())))
+    from simret.utils.devices import resolve_device
+
+    asked = getattr(ctx.obj, "device", None) or "auto"
+    try:
+        rows.append(("device", f"{asked} -> {resolve_device(asked)}"))
+    except ValueError as err:
+        rows.append(("device", f"{asked}: {err}"))
     try:
         import faiss
 

@@ -8,6 +8,19 @@ import click
 
 POOL_CHOICES = ["simpool", "avg", "max", "gem", "cls"]
 DEFAULT_ARCH = "resnet50"
+DEVICE_METAVAR = "auto|cpu|cuda[:N]|mps"
+
+
+def check_device_name(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:
+    """Click callback: a usage error for a device name that can never work (checked without torch)."""
+    from simret.utils.devices import DEVICE_PATTERN
+
+    if value is None:
+        return None
+    name = value.strip().lower()
+    if not DEVICE_PATTERN.match(name):
+        raise click.BadParameter(f"{value!r} is not a device: use auto, cpu, cuda, cuda:N or mps", ctx, param)
+    return name
 
 
 def model_options(command: Callable) -> Callable:
@@ -29,7 +42,7 @@ def model_options(command: Callable) -> Callable:
                           "SimPool checkpoint (simret info --checkpoints); PATH = a .pth/.safetensors file."),
         click.option("--checkpoint-key", default=None, metavar="KEY",
                      help="Entry of a checkpoint dict holding the weights (default: teacher, state_dict, model …)."),
-        click.option("--device", default=None, metavar="auto|cpu|cuda[:N]|mps",
+        click.option("--device", default=None, metavar=DEVICE_METAVAR, callback=check_device_name,
                      help="Device for the model (default: simret --device, i.e. auto)."),
     ]
 
