@@ -42,6 +42,33 @@ def test_flat_search_equals_numpy_brute_force(n_queries, blas, monkeypatch):
     np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
 
 
+def test_large_flat_databases_search_small_batches_through_blas(monkeypatch):
+    import faiss
+
+    import simret.retrieval.index as index_module
+
+    class Spy:  # records FAISS' BLAS threshold at the moment the search runs
+        def __init__(self, wrapped):
+            self.wrapped, self.thresholds = wrapped, []
+
+        def __getattr__(self, name):
+            return getattr(self.wrapped, name)
+
+        def search(self, x, k):
+            self.thresholds.append(faiss.cvar.distance_compute_blas_threshold)
+            return self.wrapped.search(x, k)
+
+    default = faiss.cvar.distance_compute_blas_threshold
+    database = unit_rows(2000, 32, seed=13)  # 256 kB
+    for limit, expected in ((128 << 10, 0), (1 << 20, default)):  # database above / below the cache limit
+        monkeypatch.setattr(index_module, "BLAS_MIN_DATABASE_BYTES", limit)
+        index = Index.build(database, "flat")
+        index.faiss = spy = Spy(index.faiss)
+        index.search(database[:3], k=4)
+        assert spy.thresholds == [expected]
+    assert faiss.cvar.distance_compute_blas_threshold == default
+
+
 def test_search_coerces_inputs_like_faiss():
     database = unit_rows(50, 8)
     index = Index.build(database.tolist(), "flat")  # a list of lists
