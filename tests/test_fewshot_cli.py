@@ -107,9 +107,19 @@ def test_script_wrapper_shows_the_command_help():
 
 
 def test_base_split_equal_to_the_evaluated_split_is_not_used(samples, tmp_path):
-    result = _run(samples / "folders", *MODEL, "--split", "train", "--shot", "1", "--query", "2", "--episodes", "5",
-                  "--features-dir", tmp_path / "f", "--out", tmp_path / "r.json")
+    import logging
+
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("simret")  # our own handler: independent of where earlier runs sent stderr
+    logger.addHandler(handler)
+    try:
+        result = _run(samples / "folders", *MODEL, "--split", "train", "--shot", "1", "--query", "2", "--episodes",
+                      "5", "--features-dir", tmp_path / "f", "--out", tmp_path / "r.json")
+    finally:
+        logger.removeHandler(handler)
     assert result.exit_code == 0, result.output
-    assert "--base-split 'train' is the evaluated split" in result.output
+    assert any("--base-split 'train' is the evaluated split" in m for m in messages), messages
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["base_split"] is None and report["results"][0]["protocol"] == "simpleshot: sqeuclidean, norm=l2n"
