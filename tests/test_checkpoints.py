@@ -262,3 +262,71 @@ def test_mapping_reports_layouts():
     assert map_checkpoint({"global_pool.pool.wq.weight": torch.zeros(1)}).source == "timm"
     assert map_checkpoint({"conv1.weight": torch.zeros(1)}).source == "plain"
     assert map_checkpoint({"trunk.a": torch.zeros(1), "pool.b": torch.zeros(1)}).source == "simret"
+
+
+def test_reachability_probe_never_waits_on_a_hung_resolver(monkeypatch):
+    """A connection attempt that never returns (DNS hanging) reads as unreachable; the caller moves on."""
+    import threading
+
+    from simret.models import checkpoints
+
+    monkeypatch.delenv("SIMRET_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for name in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    release, finished = threading.Event(), threading.Event()
+
+    def hung_connection(address, timeout=None):
+        release.wait(30)
+        finished.set()
+        raise OSError("resolver gave up")
+
+    monkeypatch.setattr(checkpoints.socket, "create_connection", hung_connection)
+    try:
+        assert checkpoints.host_reachable("huggingface.co", timeout=0.05) is False
+        assert not finished.is_set()  # it answered while the attempt was still hanging
+    finally:
+        release.set()
+
+
+def test_reachability_goes_through_the_https_proxy(monkeypatch):
+    from simret.models import checkpoints
+
+    monkeypatch.delenv("SIMRET_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for name in ("no_proxy", "NO_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    dialled = []
+
+    class Connection:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def fake_connection(address, timeout=None):
+        dialled.append(address)
+        return Connection()
+
+    monkeypatch.setattr(checkpoints.socket, "create_connection", fake_connection)
+    assert checkpoints.host_reachable("huggingface.co") is True
+    assert dialled == [("proxy.internal", 3128)]
+    monkeypatch.setenv("NO_PROXY", "huggingface.co")
+    assert checkpoints.host_reachable("huggingface.co") is True
+    assert dialled[-1] == ("huggingface.co", 443)
+
+
+def test_supervised_timm_convnext_checkpoint(tmp_path):
+    """Official supervised ConvNeXt (timm): SimPool at head.global_pool.pool.*, head.norm after it."""
+    trunk = randomised(timm.create_model("test_convnext", num_classes=6), 12)
+    pool = randomised(SimPool(trunk.num_features, gamma=2.0), 13)
+    state = {**trunk.state_dict(), **{f"head.global_pool.pool.{k}": v for k, v in pool.state_dict().items()}}
+    path = tmp_path / "convnext_supervised.pt"
+    torch.save({"state_dict": state}, path)
+    encoder = create_encoder("test_convnext", gamma=2.0, weights=path)
+    with torch.no_grad():
+        pooled = pool(trunk.forward_features(IMAGES))
+        expected = trunk.head.norm(pooled[:, :, None, None]).flatten(1)
+        torch.testing.assert_close(encoder(IMAGES), expected, rtol=1e-4, atol=1e-5)

@@ -14,6 +14,7 @@ import os
 import pickle
 import socket
 import struct
+import threading
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -122,15 +123,40 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SIMRET_CACHE", Path.home() / ".cache" / "simret")).expanduser()
 
 
+def _first_hop(host: str, port: int) -> Tuple[str, int]:
+    """Where a connection to ``host`` really goes: the HTTPS proxy from the environment, unless bypassed."""
+    import urllib.request
+
+    proxy = urllib.request.getproxies().get("https")
+    if not proxy or urllib.request.proxy_bypass(host):
+        return host, port
+    parsed = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    if not parsed.hostname:
+        return host, port
+    return parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+
+
 def host_reachable(host: str, port: int = 443, timeout: float = 2.0) -> bool:
-    """True when a TCP connection to ``host:port`` opens within ``timeout`` seconds."""
+    """True when a TCP connection to ``host:port`` (or to the HTTPS proxy in the environment) opens within
+    about ``timeout`` seconds. Name resolution counts towards the limit: a resolver that never answers
+    makes this return False, it does not hang. ``SIMRET_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``: always False."""
     if os.environ.get("SIMRET_OFFLINE", "") not in ("", "0") or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
         return False
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    address = _first_hop(host, port)
+    answer: List[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection(address, timeout=timeout):
+                answer.append(True)
+        except OSError:
+            answer.append(False)
+
+    # getaddrinfo ignores socket timeouts, so the whole attempt runs in a thread we stop waiting for
+    worker = threading.Thread(target=probe, name=f"simret-probe-{host}", daemon=True)
+    worker.start()
+    worker.join(timeout + 0.5)
+    return bool(answer and answer[0])
 
 
 def fetch_url(url: str, *, what: str) -> Path:
