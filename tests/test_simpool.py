@@ -3,6 +3,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from simret.models import SimPool
 from simret.models.simpool import to_tokens
@@ -277,3 +279,26 @@ def test_scoring_never_projects_the_tokens_through_wk():
         pool(x)
     per_token_projection = 2 * 2 * tokens * dim * dim  # what wk(tokens) alone would cost for the batch
     assert 0 < counter.get_total_flops() < per_token_projection / 10
+
+
+@given(
+    batch=st.integers(1, 4),
+    tokens=st.integers(1, 9),
+    heads=st.sampled_from([1, 2, 4]),
+    gamma=st.sampled_from([None, 1.25, 2.0, 3.0]),
+    use_beta=st.booleans(),
+    qkv_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=30, deadline=None)
+def test_properties_hold_for_any_shape(batch, tokens, heads, gamma, use_beta, qkv_bias, seed):
+    """(B, C) out, rows of attention summing to 1, and every row equal to that image pooled alone."""
+    pool = make_pool(8, num_heads=heads, gamma=gamma, use_beta=use_beta, qkv_bias=qkv_bias)
+    x = torch.randn(batch, tokens, 8, generator=torch.Generator().manual_seed(seed)) * 3
+    with torch.no_grad():
+        pooled, attn = pool(x, return_attention=True)
+        alone = torch.cat([pool(x[i:i + 1]) for i in range(batch)])
+    assert pooled.shape == (batch, 8) and attn.shape == (batch, heads, tokens)
+    assert torch.isfinite(pooled).all()
+    torch.testing.assert_close(attn.sum(-1), torch.ones(batch, heads))
+    torch.testing.assert_close(pooled, alone, rtol=1e-5, atol=1e-6)
