@@ -323,3 +323,18 @@ def test_head_runs_in_float32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, logits = model(torch.randn(2, 3, 32, 32), torch.tensor([0, 2]))
     assert loss.dtype == logits.dtype == torch.float32 and logits.shape == (2, 3)
+
+
+def test_default_workers_share_the_cores_and_are_saved(digits, tmp_path, monkeypatch):
+    from simret.train.trainer import default_train_workers
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)  # a device object only: no GPU is touched
+    expected = {(cpu, 2, 1): 0, (cpu, 16, 1): 4, (cpu, 16, 2): 3, (gpu, 16, 1): 8, (gpu, 16, 4): 3, (gpu, 1, 1): 0}
+    for (device, cores, processes), workers in expected.items():
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _, n=cores: set(range(n)), raising=False)
+        assert default_train_workers(device, processes) == workers, (device, cores, processes)
+    monkeypatch.undo()
+    config = {**TINY, "workers": None}
+    train(TrainConfig(data=str(digits), out=str(tmp_path / "c"), epochs=1, **config), show_progress=False)
+    saved = load_checkpoint(tmp_path / "c" / "last.pth")["args"]["workers"]
+    assert saved == default_train_workers(torch.device("cpu"))  # the number used, so --resume can compare it

@@ -38,7 +38,10 @@ from simret.commands.options import model_options
               help="Training crop size (default: the model's); saved with the encoder for later preprocessing.")
 @click.option("--augment/--no-augment", default=True, show_default=True,
               help="timm training augmentations (random resized crop, flip, colour jitter) or plain resize + crop.")
-@click.option("--workers", type=int, default=4, show_default=True, help="Image loading processes per rank.")
+@click.option("--workers", type=int, default=None, metavar="N",
+              help="Image loading processes per rank. Default: beside a GPU up to 8 (the cores shared among the "
+                   "ranks on the machine); on a CPU 0 on small machines (decode in the training process), a few "
+                   "on larger ones.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for initialisation, order, augmentation.")
 @click.option("--deterministic", is_flag=True, help="Deterministic kernels (slower on GPU; CPU runs are already).")
 @click.option("--resume", is_flag=True, help="Continue CKPT_DIR/last.pth exactly where it stopped.")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +84,7 @@ class TrainConfig:
     batch_size: int = 64
     grad_clip: Optional[float] = None
     amp: bool = False
-    workers: int = 4
+    workers: Optional[int] = None  # None: default_train_workers(device)
     seed: int = 0
     img_size: Optional[int] = None
     augment: bool = True
@@ -107,7 +108,7 @@ class TrainConfig:
             (config.weight_decay >= 0, f"--weight-decay must be non-negative, got {config.weight_decay}"),
             (config.batch_size >= 1, f"--batch-size must be at least 1, got {config.batch_size}"),
             (config.grad_clip is None or config.grad_clip > 0, f"--grad-clip must be positive, got {config.grad_clip}"),
-            (config.workers >= 0, f"--workers must be non-negative, got {config.workers}"),
+            (config.workers is None or config.workers >= 0, f"--workers must be non-negative, got {config.workers}"),
             (config.img_size is None or config.img_size >= 8, f"--img-size must be at least 8, got {config.img_size}"),
             (config.keep >= 0, f"--keep must be non-negative, got {config.keep}"),
             (not (config.resume and config.overwrite), "--resume and --overwrite exclude each other"),
@@ -187,6 +188,24 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, An
     return groups
 
 
+def default_train_workers(device: torch.device, processes_here: int = 1) -> int:
+    """DataLoader workers per rank when ``--workers`` is not given.
+
+    Beside an accelerator, loading and augmenting overlap the model: up to 8 workers per rank, sharing the
+    machine's cores (one left over) among the ``processes_here`` ranks on it. On the CPU the model already
+    uses every core, so small machines decode in the training process (0 workers on <= 2 cores per rank)
+    and larger ones use a few (as ``simret index`` does).
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    share = max(1, cores // max(1, processes_here))
+    if device.type != "cpu":
+        return max(0, min(8, share - 1))
+    return max(0, min(4, (share - 2) // 2))
+
+
 def unused_parameters(model: nn.Module, input_size: Tuple[int, int, int], device: torch.device) -> List[str]:
     """Names of trainable parameters that one forward/backward does not reach (DDP must be told). Runs
     in eval mode on two random images without touching the RNG, buffers or gradients."""
@@ -244,6 +263,10 @@ class _Run:
     # ----------------------------------------------------------------------------------- set-up
 
     def run(self) -> TrainResult:
+        if self.config.workers is None:
+            processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.context.distributed else 1
+            self.config = dataclasses.replace(self.config,
+                                              workers=default_train_workers(self.device, processes_here))
         config = self.config
         self._prepare_output()
         if config.deterministic:
@@ -425,8 +448,9 @@ class _Run:
             raise ValueError(f"cannot resume {self.last}: the command differs from the checkpoint's training: "
                              + "; ".join(problems) + ". Give the options it was trained with, or start afresh "
                              "with --overwrite (or another --out).")
-        changed = [f"{_flag(k)} {getattr(config, k)} (was {args[k]})" for k in RESUME_SHOULD_MATCH
-                   if k in args and args[k] != getattr(config, k)]
+        should_match = RESUME_SHOULD_MATCH + (("workers",) if config.augment else ())  # workers seed augmentations
+        changed = [f"{_flag(k)} {getattr(config, k)} (was {args[k]})" for k in should_match
+                   if k in args and args[k] is not None and args[k] != getattr(config, k)]
         if saved.get("world_size", 1) != self.context.world_size:
             changed.append(f"{self.context.world_size} process(es) (was {saved.get('world_size', 1)})")
         if changed:
@@ -469,7 +493,8 @@ class _Run:
         network.train()
         sampler.set_epoch(epoch)
         started = time.perf_counter()
-        totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss·n, correct, n, skipped
+        # loss·n, correct, n, skipped (float64 where the device has it: MPS has not)
+        totals = torch.zeros(4, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
         failures: Dict[str, str] = {}
         batches = progress(loader, desc=f"epoch {epoch + 1}/{config.epochs}", total=len(loader), unit="batch") \
             if self.show_progress else loader
@@ -502,7 +527,7 @@ class _Run:
             scaler.update()
             if weight:
                 count = targets.numel()
-                totals[0] += loss.detach().double() * count
+                totals[0] += loss.detach().to(totals.dtype) * count
                 totals[1] += (logits.detach().argmax(1) == targets).sum()
                 totals[2] += count
             if (number + 1) % 20 == 0 or number + 1 == len(loader):
