@@ -113,6 +113,43 @@ def test_torchrun_training_matches_one_process(tmp_path):
     assert not list((tmp_path / "ddp").glob(".*.tmp"))  # no temporary files left behind
 
 
+INTERRUPT_AFTER_ONE_EPOCH = """
+import sys
+from simret.train.trainer import _Run
+original = _Run._epoch
+def epoch(self, number, *args, **kwargs):
+    if number >= 1:
+        raise SystemExit(3)  # every rank stops after its first epoch's checkpoint, as a killed job would
+    return original(self, number, *args, **kwargs)
+_Run._epoch = epoch
+from simret.cli import cli
+cli.main(args=sys.argv[1:], prog_name="simret")
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_resume_continues_exactly(tmp_path):
+    """2 ranks, whole network training, augmentations and a loading worker each: 2 epochs straight equal
+    1 epoch, a stop, and ``--resume`` (weights, head, every rank's RNG), bit for bit."""
+    data = tmp_path / "digits"
+    write_fewshot_sample(data, per_class=8)
+    options = ["--split", "train", "--model", "test_resnet", "--weights", "none", "--img-size", "32", "--epochs",
+               "2", "--batch-size", "8", "--workers", "1", "--loss", "arcface", "--lr", "3e-3", "--device", "cpu"]
+    _torchrun(["-m", "simret", "train", str(data), "--out", str(tmp_path / "a"), *options], tmp_path)
+    script = tmp_path / "interrupt.py"
+    script.write_text(INTERRUPT_AFTER_ONE_EPOCH)
+    with pytest.raises(AssertionError, match="torchrun failed"):
+        _torchrun([str(script), "train", str(data), "--out", str(tmp_path / "b"), *options], tmp_path)
+    assert load_checkpoint(tmp_path / "b" / "last.pth")["epoch"] == 1
+    _torchrun(["-m", "simret", "train", str(data), "--out", str(tmp_path / "b"), *options, "--resume"], tmp_path)
+    a, b = load_checkpoint(tmp_path / "a" / "last.pth"), load_checkpoint(tmp_path / "b" / "last.pth")
+    assert a["epoch"] == b["epoch"] == 2 and a["world_size"] == b["world_size"] == 2
+    for part in ("state_dict", "head"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    assert all(torch.equal(x["torch"], y["torch"]) for x, y in zip(a["rng"], b["rng"])) and len(a["rng"]) == 2
+    assert load_log_loss(tmp_path / "a") == load_log_loss(tmp_path / "b")
+
+
 def load_log_loss(folder):
     import json
 
