@@ -79,3 +79,21 @@ def test_attention_command_needs_simpool(photos, tmp_path):
     result = CliRunner().invoke(cli, ["attention", str(photos / "cat.jpg"), "--model", "test_resnet",
                                       "--weights", "none", "--pool", "avg", "-o", str(tmp_path / "m")])
     assert result.exit_code == 1 and "need --pool simpool" in result.output
+
+
+def test_attention_command_never_overwrites_one_picture_with_another(photos, tmp_path):
+    """Same file name in two folders, or the same stem with two extensions: one picture each."""
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.open(photos / "rocket.png").convert("RGB").save(other / "cat.jpg")
+    Image.open(photos / "rocket.png").save(other / "cat.png")
+    out = tmp_path / "maps"
+    args = ["attention", str(photos / "cat.jpg"), str(other / "cat.jpg"), str(other / "cat.png"),
+            "--model", "test_resnet", "--weights", "none", "-o", str(out), "--max-size", "48"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["cat-2.npy", "cat-2.png", "cat-3.npy", "cat-3.png",
+                                                      "cat.npy", "cat.png"]
+    first, second = Image.open(out / "cat.png"), Image.open(out / "cat-2.png")
+    assert first.size != second.size  # the cat (landscape) and the rocket (portrait) are both there
+    assert not list(out.glob(".*.tmp"))

@@ -37,6 +37,7 @@ def attention(images: Tuple[Path, ...], model_spec: Dict[str, Any], out: Path, m
 
     from simret.commands.options import build_encoder
     from simret.data.images import ImageReadError, list_images
+    from simret.utils.atomic import atomic_path
     from simret.utils.logs import get_logger
     from simret.utils.progress import progress
     from simret.visualize import attention_maps, render_overlay
@@ -54,16 +55,18 @@ def attention(images: Tuple[Path, ...], model_spec: Dict[str, Any], out: Path, m
     encoder, device = build_encoder(model_spec)
     out.mkdir(parents=True, exist_ok=True)
     written, skipped = [], []
-    for path, image_id in progress(sources, desc="attention", unit="img"):
+    stems = _unique_stems([image_id for _, image_id in sources])
+    for (path, image_id), stem in progress(list(zip(sources, stems)), desc="attention", unit="img"):
         try:
             (result,) = attention_maps(encoder, [path], max_size=max_size, device=device, ids=[image_id])
         except ImageReadError as err:
             skipped.append((image_id, err.reason))
             log.warning("skipped %s: %s", image_id, err.reason)
             continue
-        stem = _safe_name(image_id)
-        render_overlay(result.image, result.map, cmap=cmap, alpha=alpha).save(out / f"{stem}.png")
-        np.save(out / f"{stem}.npy", result.map.astype(np.float32))
+        with atomic_path(out / f"{stem}.png") as temporary:  # an interrupted run leaves no half picture
+            render_overlay(result.image, result.map, cmap=cmap, alpha=alpha).save(temporary, format="PNG")
+        with atomic_path(out / f"{stem}.npy") as temporary, open(temporary, "wb") as handle:
+            np.save(handle, result.map.astype(np.float32))
         peak = np.unravel_index(int(result.map.argmax()), result.map.shape)
         written.append((image_id, result.map.shape, peak, float(result.map.max()), f"{stem}.png"))
     width = max([len(w[0]) for w in written] + [5])
@@ -77,6 +80,21 @@ def attention(images: Tuple[Path, ...], model_spec: Dict[str, Any], out: Path, m
     click.echo(summary, err=True)
     if not written:
         raise ValueError("no image could be read")
+
+
+def _unique_stems(image_ids: List[str]) -> List[str]:
+    """One output stem per image: ``_safe_name``, with ``-2``, ``-3`` … added where two images would share
+    one (``a/x.jpg`` and ``b/x.jpg`` given as files, ``x.jpg`` beside ``x.png``), so none overwrites another."""
+    used, stems = set(), []
+    for image_id in image_ids:
+        stem, number = _safe_name(image_id), 1
+        candidate = stem
+        while candidate.lower() in used:  # case-insensitive: macOS and Windows file systems
+            number += 1
+            candidate = f"{stem}-{number}"
+        used.add(candidate.lower())
+        stems.append(candidate)
+    return stems
 
 
 def _safe_name(image_id: str) -> str:
