@@ -24,4 +24,14 @@ def test_demo_runs_every_step_and_writes_its_outputs(tmp_path):
     assert before["encoder"]["fingerprint"] != after["encoder"]["fingerprint"]  # the fine-tuned encoder was used
     assert (out / "checkpoints" / "encoder.safetensors").is_file()
     assert len(list((out / "attention").glob("*.png"))) == 3
+    # each encoder keeps its own feature banks, and the summary sets the figures side by side
+    assert {p.parent.name for p in (out / "features").glob("*/features-test.h5")} == {"random-init", "fine-tuned"}
+    summary = result.stdout.split("demo finished")[1]
+    row = next(line.split() for line in summary.splitlines() if line.split()[:2] == ["simpleshot", "1"])
+    first = next(r for r in before["results"] if (r["method"], r["n_shot"]) == ("simpleshot", 1))
+    tuned = next(r for r in after["results"] if (r["method"], r["n_shot"]) == ("simpleshot", 1))
+    assert row == ["simpleshot", "1", f"{100 * first['mean']:.2f}", "±", f"{100 * first['ci95']:.2f}",
+                   f"{100 * tuned['mean']:.2f}", "±", f"{100 * tuned['ci95']:.2f}"]
+    medium = 100 * revisited["results"]["rsample"]["medium"]["map"]
+    assert f"M {medium:5.2f}" in summary and "written under" in summary
     assert "chelsea" in result.stdout.split("$ simret search")[1].split("[4/8]")[0]

@@ -89,16 +89,19 @@ def demo(out: Path, arch: str, gamma: float, epochs: int, episodes: int, image_s
 
     # 5-7. few-shot and fine-tuning ----------------------------------------------------------------------
     fewshot = ["fewshot", str(digits.root), "--img-size", "32", "--shot", "1,5", "--method", "simpleshot,protonet",
-               "--episodes", str(episodes), "--query", "10" if small else "15", "--features-dir", str(out / "features")]
+               "--episodes", str(episodes), "--query", "10" if small else "15"]
+    features = out / "features"  # one folder per encoder, so the second run keeps the first one's banks
     run(5, "few-shot on the novel digits, random-init encoder",
-        [*fewshot, *model, "--out", str(results / "fewshot-before.json")])
+        [*fewshot, *model, "--features-dir", str(features / "random-init"),
+         "--out", str(results / "fewshot-before.json")])
     checkpoints = out / "checkpoints"
     run(6, "fine-tune on the base digits (0-4)",
         ["train", str(digits.root), "--split", "train", "--out", str(checkpoints), *model, "--img-size", "32",
          "--epochs", str(epochs), "--batch-size", "32", "--lr", "1e-3", "--no-augment", "--overwrite"])
     trained = checkpoints / "encoder.safetensors"
     run(7, "few-shot on the novel digits again, fine-tuned encoder",
-        [*fewshot, "--weights", str(trained), "--out", str(results / "fewshot-after.json")])
+        [*fewshot, "--weights", str(trained), "--features-dir", str(features / "fine-tuned"),
+         "--out", str(results / "fewshot-after.json")])
 
     # 8. attention -------------------------------------------------------------------------------------
     pictures = out / "attention"
@@ -107,12 +110,15 @@ def demo(out: Path, arch: str, gamma: float, epochs: int, episodes: int, image_s
                                          "--max-size", str(image_size)])
 
     # summary ------------------------------------------------------------------------------------------
-    click.secho(f"\ndemo finished in {time.monotonic() - started:.0f} s; written under {out}/:", bold=True)
+    click.secho(f"\ndemo finished in {time.monotonic() - started:.0f} s", bold=True)
+    for line in summary_lines(results, sample.name):
+        click.echo(line)
+    click.secho(f"written under {out}/:", bold=True)
     for path, what in [
         (data, f"{sample.name}/ (Revisited layout), revisitop1m/ (distractors), digits/ (few-shot split)"),
         (index_dir, "descriptors.h5, index.faiss, meta.json, skipped.tsv"),
         (out / "cache", "descriptors kept by simret eval (reused by the next run)"),
-        (out / "features", "few-shot feature banks features-<split>.h5 per encoder"),
+        (features, "few-shot feature banks features-<split>.h5: random-init/, fine-tuned/"),
         (results / "revisited.json", "mAP E/M/H and mP@k, with and without distractors"),
         (results / "fewshot-before.json", "few-shot accuracy ± 95% CI, random-init encoder"),
         (results / "fewshot-after.json", "few-shot accuracy ± 95% CI, fine-tuned encoder"),
@@ -122,3 +128,29 @@ def demo(out: Path, arch: str, gamma: float, epochs: int, episodes: int, image_s
         click.echo(f"  {str(path):<44} {what}")
     click.echo("All encoders here were RANDOMLY initialised: point --weights at timm, an official SimPool "
                "checkpoint or your own file for meaningful descriptors (see README).")
+
+
+def summary_lines(results: Path, dataset: str) -> List[str]:
+    """The demo's figures side by side: retrieval mAP, and few-shot accuracy before → after fine-tuning."""
+    import json
+
+    lines = []
+    revisited = json.loads((results / "revisited.json").read_text(encoding="utf-8"))["results"]
+    for name in (dataset, f"{dataset}+R1M"):
+        if name in revisited:
+            table = revisited[name]
+            lines.append(f"  retrieval, {name:<14} mAP  E {100 * table['easy']['map']:5.2f}  "
+                         f"M {100 * table['medium']['map']:5.2f}  H {100 * table['hard']['map']:5.2f}"
+                         f"   (random-init encoder)")
+    before = json.loads((results / "fewshot-before.json").read_text(encoding="utf-8"))
+    after = json.loads((results / "fewshot-after.json").read_text(encoding="utf-8"))
+    found = {(r["method"], r["n_shot"]): r for r in after["results"]}
+    lines.append(f"  few-shot, novel digits, {before['n_way']}-way, accuracy % ± 95% CI over "
+                 f"{before['n_episodes']} episodes:")
+    lines.append(f"    {'method':<12}{'shot':>4}   {'random init':>13}   {'fine-tuned':>13}")
+    for row in before["results"]:
+        tuned = found.get((row["method"], row["n_shot"]))
+        right = f"{100 * tuned['mean']:6.2f} ± {100 * tuned['ci95']:4.2f}" if tuned else "-"
+        lines.append(f"    {row['method']:<12}{row['n_shot']:>4}   {100 * row['mean']:6.2f} ± {100 * row['ci95']:4.2f}"
+                     f"   {right:>13}")
+    return lines
