@@ -47,7 +47,7 @@ def test_fewshot_on_both_layouts_prints_a_table_and_writes_json(samples, tmp_pat
     for run in runs.values():
         assert 0 <= run["mean"] <= 1 and run["ci95"] == pytest.approx(1.96 * run["std"] / 40 ** 0.5)
         assert run["n_episodes"] == 40 and run["n_way"] == 5 and run["n_query"] == 5
-    assert runs[("simpleshot", 1)]["protocol"] == "simpleshot: sqeuclidean, norm=cl2n"
+    assert runs[("simpleshot", 1)]["protocol"] == "simpleshot: euclidean, norm=cl2n"
     assert f"{100 * runs[('protonet', 5)]['mean']:.2f}" in lines[6]
 
     # the same images in the miniImageNet CSV layout give the same bank, hence the same episodes and accuracies
@@ -75,7 +75,7 @@ def test_without_a_train_split_simpleshot_falls_back_to_l2n(tmp_path):
                   "--episodes", "5", "--features-dir", tmp_path / "f", "--out", tmp_path / "r.json")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["base_split"] is None and report["results"][0]["protocol"] == "simpleshot: sqeuclidean, norm=l2n"
+    assert report["base_split"] is None and report["results"][0]["protocol"] == "simpleshot: euclidean, norm=l2n"
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -122,4 +122,4 @@ def test_base_split_equal_to_the_evaluated_split_is_not_used(samples, tmp_path):
     assert result.exit_code == 0, result.output
     assert any("--base-split 'train' is the evaluated split" in m for m in messages), messages
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["base_split"] is None and report["results"][0]["protocol"] == "simpleshot: sqeuclidean, norm=l2n"
+    assert report["base_split"] is None and report["results"][0]["protocol"] == "simpleshot: euclidean, norm=l2n"

@@ -27,13 +27,14 @@ def _means(support, labels):
     return np.stack([support[labels == c].mean(0) for c in range(W)])
 
 
-def reference_protonet(support, labels, query):
+def reference_protonet(support, labels, query, squared=False):
     out = np.zeros((E, Q, W))
     for e in range(E):
         prototypes = _means(support[e], labels[e])
         for i in range(Q):
             for c in range(W):
-                out[e, i, c] = -np.sum((query[e, i] - prototypes[c]) ** 2)
+                squared_distance = np.sum((query[e, i] - prototypes[c]) ** 2)
+                out[e, i, c] = -(squared_distance if squared else np.sqrt(squared_distance))
     return out
 
 
@@ -78,11 +79,27 @@ def reference_logreg(support, labels, query):
     return out
 
 
-def test_protonet_is_minus_squared_euclidean_to_class_means(episode_batch):
+def test_protonet_is_minus_euclidean_to_class_means(episode_batch):
     support, labels, query, _ = episode_batch
     scores = get_method("protonet")(support, labels, query)
     assert isinstance(scores, np.ndarray) and scores.shape == (E, Q, W)
     np.testing.assert_allclose(scores, reference_protonet(support, labels, query), rtol=1e-10, atol=1e-10)
+
+
+def test_protonet_squared_metric_is_the_papers_distance(episode_batch):
+    support, labels, query, _ = episode_batch
+    scores = get_method("protonet", metric="sqeuclidean")(support, labels, query)
+    np.testing.assert_allclose(scores, reference_protonet(support, labels, query, squared=True), rtol=1e-10, atol=1e-10)
+    # same ranking of the classes as the plain distance
+    np.testing.assert_array_equal(scores.argmax(-1), get_method("protonet")(support, labels, query).argmax(-1))
+
+
+def test_protonet_exact_values_on_a_hand_made_episode():
+    support = np.array([[[0.0, 0.0], [2.0, 0.0], [0.0, 3.0]]])  # class 0: (0,0),(2,0) → mean (1,0); class 1: (0,3)
+    labels = np.array([[0, 0, 1]])
+    query = np.array([[[4.0, 4.0]]])  # distances: √(9+16)=5 to (1,0), √(16+1)=√17 to (0,3)
+    scores = get_method("protonet")(support, labels, query)
+    np.testing.assert_allclose(scores, [[[-5.0, -np.sqrt(17.0)]]], rtol=1e-12)
 
 
 def test_cosine_uses_means_of_raw_support(episode_batch):

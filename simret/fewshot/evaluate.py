@@ -219,7 +219,7 @@ def _prototype_accuracies(bank: torch.Tensor, episodes: Episodes, method: Protot
         if method.metric == "cosine":  # cos(q, μ) ranks classes as q·μ/‖μ‖ does
             prototypes = torch.nn.functional.normalize(prototypes, dim=-1, eps=1e-12)
             half_norms = None
-        else:  # -‖q − μ‖² ranks classes as 2 q·μ − ‖μ‖², i.e. q·μ − ‖μ‖²/2, does
+        else:  # -‖q − μ‖ and -‖q − μ‖² rank classes as 2 q·μ − ‖μ‖², i.e. q·μ − ‖μ‖²/2, do
             half_norms = 0.5 * (prototypes * prototypes).sum(-1)  # (e, W)
         if use_faiss:
             dots = _faiss_dots(features.numpy(), prototypes.numpy(), part.query)  # (e, W, Q)

@@ -9,13 +9,14 @@ examples within an episode does not change the scores (up to floating-point roun
 
 Methods and their exact protocols:
 
-``protonet``   Snell et al. 2017: class means of the support features; score = **minus the squared Euclidean
-               distance** ``-‖q − μ_c‖²`` (the squared distance, as in the paper; the argmax is the same as
-               with the plain distance). Raw features, no normalisation.
+``protonet``   Snell et al. 2017: class means of the support features; score = **minus the Euclidean
+               distance** ``-‖q − μ_c‖`` (as easyfsl's ``PrototypicalNetworks``, ``-cdist``; the paper's squared
+               distance ranks classes the same way: ``metric="sqeuclidean"`` gives it). Raw features, no
+               normalisation.
 ``cosine``     cosine similarity ``q·μ_c / (‖q‖‖μ_c‖)`` to the class means of the **raw** support features
                (the means are taken before any normalisation).
 ``simpleshot`` Wang et al. 2019, CL2N: subtract the base-split mean (``base_mean=``, the mean feature of the
-               training split), L2-normalise, then nearest class mean: score = ``-‖q̃ − μ̃_c‖²`` where ``μ̃_c``
+               training split), L2-normalise, then nearest class mean: score = ``-‖q̃ − μ̃_c‖`` (Euclidean) where ``μ̃_c``
                is the mean of the normalised support features. ``norm="l2n"`` or ``"un"`` give the paper's
                other variants. **Without ``base_mean``** CL2N is impossible: a ``MissingBaseMeanWarning`` is
                issued and the method falls back to L2N (no centring).
@@ -89,6 +90,14 @@ def squared_distances(query: torch.Tensor, centres: torch.Tensor) -> torch.Tenso
     return torch.baddbmm(q2 + c2, query, centres.transpose(1, 2), alpha=-2).clamp_min_(0)
 
 
+def distances(query: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """``(E, Q, D)``, ``(E, W, D)`` → ``(E, Q, W)`` Euclidean distances."""
+    return squared_distances(query, centres).sqrt_()
+
+
+METRICS = ("euclidean", "sqeuclidean", "cosine")
+
+
 def check_inputs(support: Array, support_labels: Array, query: Array,
                  n_way: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Validate shapes and labels; returns tensors ``(support, labels int64, query, n_way)``.
@@ -155,13 +164,13 @@ class FewShotMethod:
 class PrototypeMethod(FewShotMethod):
     """Nearest class mean: features normalised by ``norm``, prototypes = class means, scored by ``metric``.
 
-    ``metric="sqeuclidean"``: ``-‖q − μ_c‖²``; ``metric="cosine"``: ``cos(q, μ_c)``.
+    ``metric="euclidean"``: ``-‖q − μ_c‖``; ``"sqeuclidean"``: ``-‖q − μ_c‖²``; ``"cosine"``: ``cos(q, μ_c)``.
     ``evaluate`` recognises these methods and scores them straight from the feature bank.
     """
 
     def __init__(self, name: str, metric: str, norm: str = "none", base_mean: Optional[Array] = None) -> None:
-        if metric not in ("sqeuclidean", "cosine"):
-            raise ValueError(f"unknown metric {metric!r}: use sqeuclidean or cosine")
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r}: use {', '.join(METRICS)}")
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}: use {', '.join(NORMS)}")
         self.name, self.metric = name, metric
@@ -185,6 +194,8 @@ class PrototypeMethod(FewShotMethod):
         if self.metric == "cosine":
             prototypes = torch.nn.functional.normalize(prototypes, dim=-1, eps=1e-12)
             return torch.bmm(torch.nn.functional.normalize(query, dim=-1, eps=1e-12), prototypes.transpose(1, 2))
+        if self.metric == "euclidean":
+            return -distances(query, prototypes)
         return -squared_distances(query, prototypes)
 
     def describe(self) -> str:
@@ -301,17 +312,18 @@ def _vector(value: Array, what: str) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ registry
 
 METHODS: Dict[str, Callable[..., FewShotMethod]] = {
-    "protonet": lambda: PrototypeMethod("protonet", "sqeuclidean", "none"),
+    "protonet": lambda metric="euclidean": PrototypeMethod("protonet", metric, "none"),
     "cosine": lambda: PrototypeMethod("cosine", "cosine", "none"),
-    "simpleshot": lambda base_mean=None, norm="cl2n": PrototypeMethod("simpleshot", "sqeuclidean", norm, base_mean),
+    "simpleshot": lambda base_mean=None, norm="cl2n", metric="euclidean": PrototypeMethod("simpleshot", metric, norm,
+                                                                                          base_mean),
     "logreg": LogisticRegressionMethod,
     "softkmeans": SoftKMeansMethod,
 }
 # options each method takes (for error messages and for callers that pass a shared set of options)
 METHOD_OPTIONS: Dict[str, Tuple[str, ...]] = {
-    "protonet": (),
+    "protonet": ("metric",),
     "cosine": (),
-    "simpleshot": ("base_mean", "norm"),
+    "simpleshot": ("base_mean", "norm", "metric"),
     "logreg": ("C", "max_iter", "tol", "norm", "base_mean", "n_jobs"),
     "softkmeans": ("steps", "temperature", "norm", "base_mean"),
 }
