@@ -120,3 +120,25 @@ def test_bad_arguments_are_refused(encoder, folder):
         extract(encoder, folder, ["img0.png"], boxes=[None, None], workers=0)
     nothing = extract(encoder, folder, [], workers=0, progress=False)
     assert nothing.descriptors.shape == (0, encoder.dim) and nothing.ids == [] and nothing.failures == []
+
+
+def test_extract_is_one_object_whatever_the_import_order():
+    """``simret.retrieval.extract`` names both the function and its module; every way of importing it must
+    give something callable as extract() that also exposes the module (``module.extract`` patchable)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import inspect\n"
+        "from simret.retrieval import extract as first\n"  # the package export first …
+        "import simret.retrieval.extract as module\n"  # … then the submodule (what broke test_eval's patch)
+        "import simret.retrieval as package\n"
+        "assert first is module is package.extract, (first, module)\n"
+        "assert callable(first) and module.extract.__name__ == 'extract'\n"
+        "assert 'scales' in inspect.signature(first).parameters\n"
+        "calls = []\n"
+        "module.extract = lambda *a, **k: calls.append(a) or 'patched'\n"
+        "assert package.extract(None, '.', []) == 'patched' and calls\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -12,6 +12,7 @@ rank its own shard of ids and gather the results.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import sys
 import types
@@ -277,12 +278,13 @@ def _model_error(err: BaseException, size: Tuple[int, int]) -> str:
 
 
 class _CallableModule(types.ModuleType):
-    """``import simret.retrieval.extract`` binds the package attribute ``extract`` to this module, hiding the
-    function of the same name; calling the module calls the function, so ``simret.retrieval.extract(...)``
-    works whichever the attribute holds."""
+    """``simret.retrieval.extract`` is both this module and, called, the function ``extract`` (the package
+    attribute is always the module: ``import simret.retrieval.extract`` binds it there anyway). Calling it
+    looks ``extract`` up in the module, so patching ``module.extract`` patches the call too."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> ExtractResult:
-        return extract(*args, **kwargs)
+        return self.extract(*args, **kwargs)
 
 
 sys.modules[__name__].__class__ = _CallableModule
+sys.modules[__name__].__signature__ = inspect.signature(extract)  # help() / inspect show the function's
