@@ -340,3 +340,31 @@ def test_whitening_ivfpq_and_hnsw_indexes(photos, tmp_path, encoder):
     np.testing.assert_allclose(line["scores"], (query @ database.T)[0][exact], atol=1e-5)
     coarse = jsonl(run("search", ivf, photos / "moon_1.jpg", "-k", "3", "--rerank", "0", "--format", "jsonl"))[0]
     assert not np.allclose(coarse["scores"], line["scores"], atol=1e-4)  # compressed-code scores
+
+
+def test_ctrl_c_while_the_files_are_renamed_still_commits_them_all(photos, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    out = tmp_path / "idx"
+    subset = tmp_path / "list.txt"
+    subset.write_text("\n".join(str(p) for p in sorted(photos.glob("rocket*.jpg"))) + "\n")
+    build_index(subset, out, fresh_encoder(), IndexSettings(**SETTINGS), progress=False)
+    renames = []
+    replace = os.replace
+
+    def interrupted_replace(source, target):
+        replace(source, target)
+        name = os.path.basename(target)  # not the checkpoints under .partial/, nor into temporary names
+        if os.path.dirname(os.fspath(target)) == os.fspath(out) and not name.startswith("."):
+            renames.append(name)
+            if len(renames) == 1:  # Ctrl-C right after descriptors.h5 is in place, before meta.json is
+                signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(os, "replace", interrupted_replace)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(photos, out, fresh_encoder(), IndexSettings(**SETTINGS), progress=False, append=True)
+    monkeypatch.undo()
+    assert renames[0] == "descriptors.h5" and renames[-1] == "meta.json"
+    index_dir = IndexDir(out)  # one consistent generation: the new one
+    assert len(index_dir.ids) == index_dir.index.ntotal == 36

@@ -39,7 +39,7 @@ from simret.retrieval.store import (
 )
 from simret.retrieval.whitening import PCAWhitening, l2_normalize
 from simret.utils import distributed
-from simret.utils.atomic import atomic_path, write_text_atomic
+from simret.utils.atomic import atomic_path, deferred_interrupts, write_text_atomic
 from simret.utils.logs import get_logger
 
 log = get_logger(__name__)
@@ -434,6 +434,9 @@ def build_index(source: PathLike, out: PathLike, encoder: Any, settings: Optiona
         index.save(index_tmp)
         skipped_tmp.write_text(_skipped_text(failed), encoding="utf-8")
         meta_tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+        commit = stack.pop_all()  # every file complete: the renames below run together
+    with deferred_interrupts():  # a Ctrl-C now arrives after the last rename, not between two
+        commit.close()
     if whitening is None and (out / WHITENING_FILE).exists():
         (out / WHITENING_FILE).unlink()
     checkpoints.remove()

@@ -7,9 +7,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, List, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -49,3 +51,27 @@ def write_text_atomic(path: PathLike, text: str) -> Path:
 
 def write_json_atomic(path: PathLike, data: Any) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold SIGINT (Ctrl-C) and SIGTERM until the block is done, then deliver them.
+
+    For the few renames that commit several files together: an interruption there would leave some files
+    of the new generation beside others of the old one. Only the main thread can do this (elsewhere the
+    block runs as it is).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: List[int] = []
+    previous = {}
+    for number in (signal.SIGINT, signal.SIGTERM):
+        previous[number] = signal.signal(number, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+        for number in dict.fromkeys(received):
+            signal.raise_signal(number)  # now handled as it would have been (KeyboardInterrupt, exit …)
