@@ -70,9 +70,17 @@ def test_resize_and_crop():
     assert resize_long_side(image, 800).size == (400, 200)
     assert resize_long_side(image, 800, upscale=True).size == (800, 400)
     assert crop_box(image, (10.4, 20, 110, 70)).size == (100, 50)
-    assert crop_box(image, (-5, -5, 1000, 1000)).size == (400, 200)
+    # past the border: not clipped, the outside is black, as PIL.Image.crop(bbx) in revisitop/cirtorch
+    white = Image.new("RGB", (400, 200), "white")
+    padded = crop_box(white, (-5, -5.4, 1000, 1000))
+    assert padded.size == (1005, 1005)
+    assert padded.getpixel((0, 0)) == (0, 0, 0) and padded.getpixel((5, 5)) == (255, 255, 255)
+    assert padded.getpixel((404, 204)) == (255, 255, 255) and padded.getpixel((405, 205)) == (0, 0, 0)
+    assert padded.tobytes() == white.crop((-5, -5, 1000, 1000)).tobytes()
     with pytest.raises(ValueError, match="empty crop"):
         crop_box(image, (50, 50, 50, 80))
+    with pytest.raises(ValueError, match="outside the image"):
+        crop_box(image, (400, 0, 500, 100))
 
 
 def test_image_list_turns_bad_files_into_failures(folder):

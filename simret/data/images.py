@@ -137,18 +137,21 @@ def _apply_orientation(image: Image.Image) -> Image.Image:
 
 
 def crop_box(image: Image.Image, box: Optional[Sequence[float]]) -> Image.Image:
-    """Crop to ``(x1, y1, x2, y2)`` (clipped to the image, rounded as revisitop does); None keeps all.
+    """Crop to ``(x1, y1, x2, y2)`` exactly as revisitop/cirtorch do (``PIL.Image.crop(bbx)``); None keeps all.
+
+    Coordinates are rounded as PIL rounds them; a box reaching past the border is *not* clipped: the part
+    outside the image is black, as in the protocol's own query crops (so descriptors match its numbers).
 
     Raises:
-        ValueError: the box is empty after clipping.
+        ValueError: the box is empty or does not overlap the image.
     """
     if box is None:
         return image
-    x1, y1, x2, y2 = (float(v) for v in box)
-    left, top = max(0, int(round(x1))), max(0, int(round(y1)))
-    right, bottom = min(image.width, int(round(x2))), min(image.height, int(round(y2)))
+    left, top, right, bottom = (int(round(float(v))) for v in box)
     if right <= left or bottom <= top:
         raise ValueError(f"empty crop box {tuple(box)} for an image of {image.width}x{image.height}")
+    if right <= 0 or bottom <= 0 or left >= image.width or top >= image.height:
+        raise ValueError(f"crop box {tuple(box)} lies outside the image of {image.width}x{image.height}")
     return image.crop((left, top, right, bottom))
 
 
