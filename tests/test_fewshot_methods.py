@@ -225,7 +225,7 @@ def test_logreg_minimises_the_l2_penalised_multinomial_loss(episode_batch):
     for e in range(E):
         xs, xq, ys = _l2n(support[e]), _l2n(query[e]), labels[e]
 
-        def loss(params):
+        def loss(params, xs=xs, ys=ys):
             weights, bias = params[:W * D].reshape(W, D), params[W * D:]
             logits = xs @ weights.T + bias
             return -log_softmax(logits, 1)[np.arange(len(ys)), ys].sum() + 0.5 * (weights ** 2).sum()
