@@ -93,6 +93,22 @@ def test_matches_per_token_reference(kwargs, layout):
         torch.testing.assert_close(attn[i].double(), expected_attn, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kwargs", CASES, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()) or "default")
+@pytest.mark.parametrize("layout", ["cnn", "vit"])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_inference_path_equals_autograd_path_and_leaves_input_alone(kwargs, layout, mode):
+    pool = make_pool(16, **kwargs)
+    torch.manual_seed(2)
+    x = torch.randn(3, 16, 3, 4) if layout == "cnn" else torch.randn(3, 12, 16)
+    before = x.clone()
+    with_grad, attn_grad = pool(x, return_attention=True)  # out-of-place power
+    with getattr(torch, mode)():
+        fast, attn_fast = pool(x, return_attention=True)  # shift and power in place
+    torch.testing.assert_close(fast, with_grad.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(attn_fast, attn_grad.detach(), rtol=1e-6, atol=1e-7)
+    assert torch.equal(x, before)
+
+
 def test_float64_matches_reference_tightly():
     pool = make_pool(8, gamma=2.0, use_beta=True, qkv_bias=True).double()
     x = torch.randn(2, 8, 2, 3, dtype=torch.float64)

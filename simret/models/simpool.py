@@ -112,14 +112,17 @@ class SimPool(nn.Module):
             normed = F.layer_norm(tokens, (width,), _cast(norm.weight, dtype), _cast(norm.bias, dtype), norm.eps)
             query = tokens.mean(dim=1)  # (B, C): GAP of the incoming features
             attn = self._attention(query, normed)  # (B, h, N)
-            values = normed.view(batch, num_tokens, self.num_heads, self.head_dim)  # (B, N, h, c)
             if self.gamma is None:
-                pooled = torch.einsum("bhn,bnhc->bhc", attn, values)
+                pooled = self._weighted_sum(attn, normed)
             else:
                 # the shift is the minimum over this image's values only (all heads, tokens, channels)
-                shift = normed.amin(dim=(1, 2)).view(batch, 1, 1, 1)
-                powered = (values - shift + self.eps).pow(self.gamma)
-                pooled = torch.einsum("bhn,bnhc->bhc", attn, powered).pow(1.0 / self.gamma)
+                shift = (normed.amin(dim=(1, 2)) - self.eps).view(batch, 1, 1)  # v - min v + eps = v - (min v - eps)
+                if torch.is_grad_enabled():
+                    powered = (normed - shift).pow(self.gamma)
+                else:  # inference: shift and raise to the power in place (the keys are no longer needed)
+                    powered = normed.sub_(shift)
+                    powered = powered.square_() if self.gamma == 2.0 else powered.pow_(self.gamma)
+                pooled = self._weighted_sum(attn, powered).pow(1.0 / self.gamma)
                 if self.use_beta:
                     pooled = pooled + _cast(self.beta, dtype)
             pooled = pooled.reshape(batch, width).to(x.dtype)
@@ -132,12 +135,23 @@ class SimPool(nn.Module):
         dtype = keys.dtype
         batch = query.shape[0]
         projected = F.linear(query, _cast(self.wq.weight, dtype), _cast(self.wq.bias, dtype))  # (B, C)
-        projected = projected.view(batch, self.num_heads, self.head_dim)  # (B, h, c)
-        wk = _cast(self.wk.weight, dtype).view(self.num_heads, self.head_dim, self.dim)  # (h, c, C)
+        wk = _cast(self.wk.weight, dtype)  # (C, C): rows are the heads' output channels, (h·c, C)
         # Wk_hᵀ q_h for every head: the query is brought to the token space once, not every token to it
-        query_in_token_space = torch.einsum("bhc,hcd->bhd", projected, wk) * self.scale  # (B, h, C)
+        if self.num_heads == 1:
+            query_in_token_space = torch.mm(projected, wk).unsqueeze(1)  # (B, 1, C)
+        else:  # (h, B, c) @ (h, c, C) → (h, B, C): a batched product over heads, no copy of Wk
+            heads = projected.view(batch, self.num_heads, self.head_dim).transpose(0, 1)
+            query_in_token_space = torch.bmm(heads, wk.view(self.num_heads, self.head_dim, self.dim)).transpose(0, 1)
+        query_in_token_space = query_in_token_space * self.scale  # (B, h, C)
         scores = torch.bmm(query_in_token_space, keys.transpose(1, 2))  # (B, h, N); wk.bias cancels
         return scores.softmax(dim=-1)
+
+    def _weighted_sum(self, attn: Tensor, values: Tensor) -> Tensor:
+        """attention ``(B, h, N)``, values ``(B, N, C)`` → per-head weighted sums ``(B, h, c)`` (c = C / h)."""
+        if self.num_heads == 1:
+            return torch.bmm(attn, values)  # (B, 1, C)
+        batch, num_tokens, _ = values.shape
+        return torch.einsum("bhn,bnhc->bhc", attn, values.view(batch, num_tokens, self.num_heads, self.head_dim))
 
 
 def _cast(tensor: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
