@@ -20,8 +20,13 @@ def is_enabled() -> bool:
 
 def progress(iterable: Optional[Iterable] = None, *, desc: str = "", total: Optional[int] = None,
              unit: str = "it", **kwargs: Any):
-    """A tqdm bar on stderr (or a silent one when progress is off)."""
+    """A tqdm bar on stderr (or a silent one when progress is off).
+
+    On a terminal the bar redraws every 0.5 s and is cleared when done; into a log file (stderr not a
+    terminal) it writes a line at most every 5 s and keeps its final line (count, time, rate).
+    """
     from tqdm.auto import tqdm
 
+    interactive = sys.stderr.isatty()
     return tqdm(iterable, desc=desc, total=total, unit=unit, file=sys.stderr, disable=not _enabled,
-                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 5.0, leave=False, **kwargs)
+                dynamic_ncols=True, mininterval=0.5 if interactive else 5.0, leave=not interactive, **kwargs)
