@@ -203,3 +203,19 @@ def test_progress_bar_counts_every_episode_and_changes_nothing(bank, episodes, m
         np.testing.assert_array_equal(shown, quiet)
         bar = bars.pop()
         assert (bar.total, bar.desc, bar.done) == (60, f"{name} 3-shot", 60)
+
+
+def test_accuracy_over_classes_decides_exactly_as_argmax():
+    import sys
+
+    accuracy_over_classes = sys.modules["simret.fewshot.evaluate"]._accuracy_over_classes
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 3, size=(40, 5, 7)).astype(np.float32)  # small integers: many ties
+    scores[0, 2, 3] = np.nan  # NaN wins argmax
+    scores[1, :, 0] = np.nan
+    scores[2] = rng.standard_normal((5, 7))  # no ties at all
+    labels = rng.integers(0, 5, size=(40, 7))
+    expected = (scores.argmax(1) == labels).mean(1)
+    np.testing.assert_array_equal(accuracy_over_classes(scores, labels), expected)
+    ties = np.zeros((1, 3, 2), np.float32)  # every class ties: argmax says class 0
+    np.testing.assert_array_equal(accuracy_over_classes(ties, np.array([[0, 1]])), [0.5])

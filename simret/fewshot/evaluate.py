@@ -225,14 +225,13 @@ def _prototype_accuracies(bank: torch.Tensor, episodes: Episodes, method: Protot
             dots = _faiss_dots(features.numpy(), prototypes.numpy(), part.query)  # (e, W, Q)
             if half_norms is not None:
                 dots -= half_norms.numpy()[:, :, None]
-            predictions = dots.argmax(1)
+            out[begin:begin + e] = _accuracy_over_classes(dots, part.query_labels)
         else:
             query = features.index_select(0, _index(part.query, features.device)).view(e, n_query, dim)
             scores = torch.bmm(query, prototypes.transpose(1, 2))  # (e, Q, W)
             if half_norms is not None:
                 scores -= half_norms.unsqueeze(1)
-            predictions = scores.argmax(-1).cpu().numpy()
-        out[begin:begin + e] = _accuracy(predictions, part.query_labels)
+            out[begin:begin + e] = _accuracy(scores.argmax(-1).cpu().numpy(), part.query_labels)
         if bar is not None:
             bar.update(e)
     return out
@@ -294,6 +293,21 @@ def _index(array: np.ndarray, device: torch.device) -> torch.Tensor:
     import torch
 
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64)).reshape(-1).to(device)
+
+
+def _accuracy_over_classes(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``(e, W, Q)`` class scores (classes on the middle axis) and ``(e, Q)`` labels → ``(e,)`` fraction of
+    queries whose ``argmax`` over the classes is their label, exactly as ``scores.argmax(1)`` decides (a tie
+    goes to the lowest class, NaN wins) without NumPy's slow arg-reduction over a middle axis: a query is right
+    when its label's score equals the best one, and only queries with a tie or a NaN are decided by argmax."""
+    best = np.maximum.reduce(scores, axis=1)  # (e, Q), contiguous row-wise maxima (NaN propagates)
+    own = np.take_along_axis(scores, labels[:, None, :], axis=1)[:, 0]  # (e, Q): the label's score
+    hit = own == best
+    unclear = (scores == best[:, None, :]).sum(1) > 1  # several classes share the best score
+    unclear |= np.isnan(best)
+    if unclear.any():
+        hit[unclear] = scores.argmax(1)[unclear] == labels[unclear]
+    return hit.mean(axis=1)
 
 
 def _accuracy(predictions: np.ndarray, labels: np.ndarray) -> np.ndarray:
