@@ -107,6 +107,9 @@ def test_gamma_with_avg_pool_is_refused():
 def test_unknown_architecture_is_named():
     with pytest.raises(ValueError, match="unknown timm architecture 'resnet_does_not_exist'"):
         create_encoder("resnet_does_not_exist")
+    # with timm weights too: a typo is named as such, before any look for weights
+    with pytest.raises(ValueError, match="unknown timm architecture 'resnet_does_not_exist'"):
+        create_encoder("resnet_does_not_exist", weights="timm")
 
 
 def test_timm_weights_fail_clearly_offline(monkeypatch):

@@ -103,6 +103,15 @@ def test_missing_dataset_names_the_expected_path(tmp_path):
     assert "roxford5k" in result.output and str(tmp_path) in result.output
 
 
+def test_missing_dataset_fails_before_the_model_is_built(tmp_path, monkeypatch):
+    import simret.commands.options as options
+
+    monkeypatch.setattr(options, "build_encoder", lambda *a, **k: pytest.fail("model built before the data check"))
+    result = CliRunner().invoke(cli, ["eval", "roxford5k", "--data-root", str(tmp_path), "--model", "resnet50",
+                                      "--weights", "timm"])
+    assert result.exit_code == 1 and "gnd_roxford5k.pkl" in result.output
+
+
 def test_more_qe_neighbours_than_images_is_a_clear_error(data, tmp_path):
     with pytest.raises(ValueError, match="--qe 1000 asks for more neighbours than the .* images of rsample"):
         evaluate_encoder(create_encoder("test_resnet"), data, "rsample",

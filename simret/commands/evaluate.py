@@ -62,6 +62,11 @@ def evaluate(dataset: str, data_root: Path, model_spec: Dict[str, Any], scales: 
     settings = EvalSettings(scales=parse_scales(scales), max_size=max_size or None, batch_size=batch_size,
                             workers=workers, half=half, distractors=DISTRACTOR_NAMES.get(distractors or ""),
                             qe=qe, dba=dba, alpha=alpha, whiten_on=whiten_on, cache_dir=cache)
+    from simret.data.revisited import load_distractors, load_revisited
+
+    load_revisited(data_root, dataset)  # a missing or malformed dataset fails before any model is built
+    if settings.distractors:
+        load_distractors(data_root, settings.distractors)
     encoder, _ = build_encoder(model_spec)
     report = evaluate_encoder(encoder, data_root, dataset, settings)
     weights = report.provenance.get("weights")

@@ -222,14 +222,21 @@ def _pool_kwargs(pool: str, gamma: Optional[float], pool_kwargs: Optional[Dict[s
     return kwargs
 
 
-def _build_trunk(arch: str, timm_kwargs: Dict[str, Any], pretrained_file: Optional[str] = None,
-                 pretrained: bool = False) -> nn.Module:
+def check_arch(arch: str) -> None:
+    """Raise ``ValueError`` naming similar architectures when timm does not know ``arch``."""
     import timm
 
     if not timm.is_model(arch.split(".")[0]):
         close = timm.list_models(f"*{arch.split('.')[0].split('_')[0]}*")[:8]
         hint = f"; similar: {', '.join(close)}" if close else ""
         raise ValueError(f"unknown timm architecture {arch!r}{hint}")
+
+
+def _build_trunk(arch: str, timm_kwargs: Dict[str, Any], pretrained_file: Optional[str] = None,
+                 pretrained: bool = False) -> nn.Module:
+    import timm
+
+    check_arch(arch)
     kwargs = {"num_classes": 0, **timm_kwargs}
     if pretrained_file:
         kwargs["pretrained_cfg_overlay"] = {"file": pretrained_file}
@@ -337,6 +344,7 @@ def create_encoder(
         if arch is None:
             raise ValueError("weights='timm' needs an architecture name")
         label, weights_id = f"timm pretrained {arch}", f"timm:{arch}"
+        check_arch(arch)  # an unknown name is a typo, not a weights problem
         pretrained_file = timm_pretrained_file(arch)
         use_timm_pretrained = True
     elif weights is not None:
