@@ -184,6 +184,16 @@ def test_usage_errors(built, photos):
     assert missing.exit_code == 1 and "no simret index" in missing.output
 
 
+def test_empty_folder_fails_before_the_model_is_built(tmp_path, monkeypatch):
+    import simret.commands.options as options
+
+    monkeypatch.setattr(options, "build_encoder", lambda *a, **k: pytest.fail("model built before the listing"))
+    (tmp_path / "empty").mkdir()
+    result = run("index", tmp_path / "empty", "--out", tmp_path / "idx", "--model", "resnet50", "--weights", "timm",
+                 ok=False)
+    assert result.exit_code == 1 and "no images" in result.output and not (tmp_path / "idx").exists()
+
+
 def test_bbox_crops_the_query(built, photos):
     out, _ = built
     whole = jsonl(run("search", out, photos / "query_chelsea_q0.jpg", "-k", "1", "--format", "jsonl"))[0]

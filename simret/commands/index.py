@@ -77,6 +77,7 @@ def index(ctx: click.Context, images: str, out: str, model_spec: Dict[str, Any],
     gloo); rank 0 merges the shards into one store and builds the index.
     """
     from simret.commands.options import build_encoder
+    from simret.data.images import list_images
     from simret.retrieval.extract import parse_scales
     from simret.retrieval.indexdir import IndexSettings, build_index, read_meta
     from simret.utils import progress
@@ -103,13 +104,15 @@ def index(ctx: click.Context, images: str, out: str, model_spec: Dict[str, Any],
                              checkpoint_every=checkpoint_every)
     from simret.utils.distributed import barrier, distributed_session, quiet_unless_main
 
+    listing = list_images(images)  # an empty or wrong folder fails before any model is built
+
     other_rank = quiet_unless_main()  # under torchrun only rank 0 prints
     device = model_spec.get("device") or (getattr(ctx.obj, "device", None) if ctx.obj else None)
     with distributed_session(device) as session:
         if session.distributed:  # each rank on its own device (cuda:LOCAL_RANK, or the CPU)
             model_spec = {**model_spec, "device": str(session.device)}
         encoder, _ = build_encoder(model_spec, ctx)
-        summary = build_index(images, out, encoder, settings, model_spec=model_spec, append=append,
+        summary = build_index(listing, out, encoder, settings, model_spec=model_spec, append=append,
                               overwrite=overwrite, progress=progress.is_enabled() and not other_rank)
         barrier()  # the other ranks wait until rank 0 has written the index
     if not other_rank:

@@ -240,10 +240,11 @@ def learn_whitening(descriptors: np.ndarray, settings: IndexSettings, encoder: A
     return PCAWhitening.learn(result.descriptors, settings.whiten_dim), str(source)
 
 
-def build_index(source: PathLike, out: PathLike, encoder: Any, settings: Optional[IndexSettings] = None, *,
+def build_index(source: Union[PathLike, Tuple[Path, List[str]]], out: PathLike, encoder: Any, settings: Optional[IndexSettings] = None, *,
                 model_spec: Optional[Dict[str, Any]] = None, append: bool = False, overwrite: bool = False,
                 progress: bool = True) -> BuildSummary:
-    """Index the images of ``source`` (folder or list file) into the directory ``out``.
+    """Index the images of ``source`` (folder or list file, or its ``list_images`` result ``(root, ids)``)
+    into the directory ``out``.
 
     * ``out`` already holds an index of the same encoder and settings: descriptors of images it already
       has are reused (and so are the checkpoints of an interrupted run); the index is rebuilt over the
@@ -267,7 +268,7 @@ def build_index(source: PathLike, out: PathLike, encoder: Any, settings: Optiona
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} exists and is not a directory")
-    root, listed = list_images(source)
+    root, listed = source if isinstance(source, tuple) else list_images(source)
     fingerprint = encoder.fingerprint
     meta = None if overwrite else read_meta(out)
     if meta is not None:
