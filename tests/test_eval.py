@@ -89,6 +89,7 @@ def test_eval_command_prints_tables_writes_json_and_reuses_descriptors(data, tmp
     assert saved["dataset"] == "rsample" and saved["encoder"]["arch"] == "test_resnet"
     assert set(saved["results"]) == {"rsample", "rsample+R1M"}
     store = next((tmp_path / "cache" / "rsample").glob("*/index/descriptors.h5"))
+    assert not list((tmp_path / "cache").rglob("index.faiss"))  # the cache keeps descriptors only
     stamp = store.stat().st_mtime_ns
     second = CliRunner().invoke(cli, args)
     assert second.exit_code == 0, second.output

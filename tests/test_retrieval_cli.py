@@ -184,6 +184,26 @@ def test_usage_errors(built, photos):
     assert missing.exit_code == 1 and "no simret index" in missing.output
 
 
+def test_store_only_directory_then_a_searchable_index_from_the_same_descriptors(photos, tmp_path):
+    out = tmp_path / "store"
+    run("index", photos, "--out", out, *MODEL, *FAST, "--index", "none")
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["index"]["kind"] == "none" and "index" not in meta["files"] and not (out / "index.faiss").exists()
+    with h5py.File(out / "descriptors.h5") as handle:
+        stored = handle["descriptors"][()]
+    refused = run("search", out, photos / "moon_0.jpg", ok=False)
+    assert refused.exit_code == 1 and "descriptors only" in refused.output
+    assert "up to date" in run("index", photos, "--out", out, *MODEL, *FAST, "--index", "none").output
+    flat = run("index", photos, "--out", out, *MODEL, *FAST, "--index", "flat").output
+    assert "0 computed" in flat and (out / "index.faiss").exists()
+    with h5py.File(out / "descriptors.h5") as handle:
+        np.testing.assert_array_equal(handle["descriptors"][()], stored)
+    assert run("search", out, photos / "moon_0.jpg", "-k", "1", "--format", "tsv").output.splitlines()[1].split("\t")[2] \
+        == "moon_0.jpg"
+    assert "do not apply" in run("index", photos, "--out", tmp_path / "x", *MODEL, *FAST, "--index", "none",
+                                 "--whiten", "pca", ok=False).output
+
+
 def test_empty_folder_fails_before_the_model_is_built(tmp_path, monkeypatch):
     import simret.commands.options as options
 

@@ -7,7 +7,7 @@ import click
 
 from simret.commands.options import model_options
 
-INDEX_KINDS = ["auto", "flat", "ivfpq", "hnsw"]
+INDEX_KINDS = ["auto", "flat", "ivfpq", "hnsw", "none"]
 
 
 def _index_params(pairs: Tuple[str, ...]) -> Dict[str, int]:
@@ -34,7 +34,8 @@ def _index_params(pairs: Tuple[str, ...]) -> Dict[str, int]:
               help="Long side of each image before scaling (smaller images are not enlarged); 0 keeps the size.")
 @click.option("--index", "kind", type=click.Choice(INDEX_KINDS), default="auto", show_default=True,
               help="FAISS index: exact flat, compressed ivfpq, graph hnsw, or auto (flat up to 200k images, "
-                   "ivfpq beyond); parameters follow the collection size.")
+                   "ivfpq beyond); parameters follow the collection size. none: keep the descriptor store only "
+                   "(no index.faiss; what simret eval caches).")
 @click.option("--index-param", "index_params", multiple=True, metavar="NAME=VALUE",
               help="Override an index parameter (ivfpq: nlist, m, nbits, nprobe; hnsw: M, efConstruction, "
                    "efSearch). Repeatable.")

@@ -76,7 +76,7 @@ def cached_descriptors(encoder: Any, paths: Sequence[Path], cache: Path, setting
     Raises:
         ValueError: some images could not be read and ``allow_failures`` is False (they are named).
     """
-    from simret.retrieval.indexdir import IndexSettings, build_index, path_key
+    from simret.retrieval.indexdir import STORE_ONLY, IndexSettings, build_index, path_key
 
     cache.mkdir(parents=True, exist_ok=True)
     listing = cache / "images.txt"
@@ -84,7 +84,7 @@ def cached_descriptors(encoder: Any, paths: Sequence[Path], cache: Path, setting
     text = "".join(f"{p}\n" for p in resolved)
     if not listing.is_file() or listing.read_text() != text:
         listing.write_text(text)
-    index_settings = IndexSettings(scales=tuple(settings.scales), max_size=settings.max_size, kind="flat",
+    index_settings = IndexSettings(scales=tuple(settings.scales), max_size=settings.max_size, kind=STORE_ONLY,
                                    half=settings.half, batch_size=settings.batch_size, workers=settings.workers)
     summary = build_index(listing, cache / "index", encoder, index_settings, progress=True)
     log.info("%s: %s", what, summary.line())

@@ -45,6 +45,7 @@ from simret.utils.logs import get_logger
 log = get_logger(__name__)
 PathLike = Union[str, os.PathLike]
 
+STORE_ONLY = "none"  # index kind of a directory that keeps the descriptor store alone (no FAISS index)
 META, STORE, INDEX_FILE, WHITENING_FILE, SKIPPED, PARTIAL = (
     "meta.json", "descriptors.h5", "index.faiss", "whitening.npz", "skipped.tsv", ".partial")
 FORMAT = "simret-index"
@@ -71,6 +72,8 @@ class IndexSettings:
     def __post_init__(self) -> None:
         if self.whiten not in ("pca", "none"):
             raise ValueError(f"whitening must be 'pca' or 'none', not {self.whiten!r}")
+        if self.kind == STORE_ONLY and (self.whiten != "none" or self.index_params):
+            raise ValueError("--index none keeps the descriptors only: --whiten and --index-param do not apply")
         if self.whiten == "none" and (self.whiten_on or self.whiten_dim):
             raise ValueError("--whiten-on/--whiten-dim need --whiten pca")
 
@@ -367,7 +370,8 @@ def build_index(source: Union[PathLike, Tuple[Path, List[str]]], out: PathLike, 
 
     kind_requested = settings.kind
     if (meta is not None and not append and not computed and final_ids == old_ids
-            and (out / INDEX_FILE).is_file() and _same_index_settings(meta, settings, len(final_ids))):
+            and (settings.kind == STORE_ONLY or (out / INDEX_FILE).is_file())
+            and _same_index_settings(meta, settings, len(final_ids))):
         write_text_atomic(out / SKIPPED, _skipped_text(failed))
         checkpoints.remove()
         return BuildSummary(out, len(final_ids), 0, reused, len(failed), meta["index"]["kind"],
@@ -383,7 +387,11 @@ def build_index(source: Union[PathLike, Tuple[Path, List[str]]], out: PathLike, 
     # whitening and the FAISS index
     whitening: Optional[PCAWhitening] = None
     whitening_meta: Dict[str, Any] = {"kind": "none"}
-    if append:
+    index: Optional[Index] = None
+    if (meta["index"]["kind"] if append else settings.kind) == STORE_ONLY:  # descriptors only
+        index_meta = {"requested": STORE_ONLY, "requested_params": {}, "kind": STORE_ONLY, "params": {},
+                      "dim": int(all_rows.shape[1]), "ntotal": len(final_ids), "bytes_per_vector": 0}
+    elif append:
         whitening_meta = dict(meta.get("whitening") or {"kind": "none"})
         if whitening_meta.get("kind") == "pca":
             whitening = PCAWhitening.load(out / WHITENING_FILE)
@@ -403,8 +411,9 @@ def build_index(source: Union[PathLike, Tuple[Path, List[str]]], out: PathLike, 
         log.info("building a %s index over %d %d-d descriptors", kind, len(vectors), vectors.shape[1])
         index = Index.build(vectors, kind, **settings.index_params)
         index_meta = {"requested": kind_requested, "requested_params": dict(settings.index_params)}
-    index_meta = {**index_meta, "kind": index.kind, "params": index.params, "dim": index.dim,
-                  "ntotal": index.ntotal, "bytes_per_vector": index.bytes_per_vector}
+    if index is not None:
+        index_meta = {**index_meta, "kind": index.kind, "params": index.params, "dim": index.dim,
+                      "ntotal": index.ntotal, "bytes_per_vector": index.bytes_per_vector}
 
     # write every file to a temporary name first; rename them all only once all are complete, meta.json
     # (the commit record naming the store's generation) last. A failure before that changes nothing.
@@ -418,13 +427,13 @@ def build_index(source: Union[PathLike, Tuple[Path, List[str]]], out: PathLike, 
         "dim": int(all_rows.shape[1]), "scales": [float(s) for s in settings.scales], "max_size": settings.max_size,
         "half": bool(settings.half), "store_dtype": store_dtype,
         "index": index_meta, "whitening": whitening_meta,
-        "files": {"descriptors": STORE, "index": INDEX_FILE, "skipped": SKIPPED,
+        "files": {"descriptors": STORE, **({"index": INDEX_FILE} if index is not None else {}), "skipped": SKIPPED,
                   **({"whitening": WHITENING_FILE} if whitening is not None else {})},
     }
     with contextlib.ExitStack() as stack:  # exits in reverse: renames store … skipped, then meta.json
         meta_tmp = stack.enter_context(atomic_path(out / META, suffix=".json"))
         skipped_tmp = stack.enter_context(atomic_path(out / SKIPPED, suffix=".tsv"))
-        index_tmp = stack.enter_context(atomic_path(out / INDEX_FILE, suffix=".faiss"))
+        index_tmp = stack.enter_context(atomic_path(out / INDEX_FILE, suffix=".faiss")) if index is not None else None
         whitening_tmp = (stack.enter_context(atomic_path(out / WHITENING_FILE, suffix=".npz"))
                          if whitening is not None and not append else None)
         store_tmp = stack.enter_context(atomic_path(out / STORE, suffix=".h5"))
@@ -432,7 +441,8 @@ def build_index(source: Union[PathLike, Tuple[Path, List[str]]], out: PathLike, 
                     dtype=store_dtype)
         if whitening_tmp is not None:
             whitening.save(whitening_tmp)
-        index.save(index_tmp)
+        if index is not None:
+            index.save(index_tmp)
         skipped_tmp.write_text(_skipped_text(failed), encoding="utf-8")
         meta_tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
         commit = stack.pop_all()  # every file complete: the renames below run together
@@ -440,8 +450,11 @@ def build_index(source: Union[PathLike, Tuple[Path, List[str]]], out: PathLike, 
         commit.close()
     if whitening is None and (out / WHITENING_FILE).exists():
         (out / WHITENING_FILE).unlink()
+    if index is None and (out / INDEX_FILE).exists():  # a store-only directory keeps no stale index
+        (out / INDEX_FILE).unlink()
     checkpoints.remove()
-    return BuildSummary(out, len(final_ids), computed, reused, len(failed), index.kind, index.dim, failures=failed)
+    return BuildSummary(out, len(final_ids), computed, reused, len(failed), index_meta["kind"], int(index_meta["dim"]),
+                        failures=failed)
 
 
 def _same_index_settings(meta: Dict[str, Any], settings: IndexSettings, n: int) -> bool:
@@ -476,7 +489,9 @@ class IndexDir:
         if meta is None:
             raise FileNotFoundError(f"{self.path} holds no simret index ({META} missing; build one with simret index)")
         self.meta = meta
-        for name in (STORE, INDEX_FILE) + ((WHITENING_FILE,) if meta["whitening"].get("kind") == "pca" else ()):
+        self.searchable = meta["index"].get("kind") != STORE_ONLY
+        needed = (STORE,) + ((INDEX_FILE,) if self.searchable else ())
+        for name in needed + ((WHITENING_FILE,) if meta["whitening"].get("kind") == "pca" else ()):
             if not (self.path / name).is_file():
                 raise FileNotFoundError(f"{self.path / name} is missing: rebuild the index with simret index")
         generation = read_attrs(self.path / STORE).get("generation")
@@ -499,6 +514,9 @@ class IndexDir:
     @property
     def index(self) -> Index:
         if self._index is None:
+            if not self.searchable:
+                raise ValueError(f"{self.path} keeps descriptors only (--index none, e.g. simret eval's cache): build a "
+                                 f"searchable index with simret index --index flat|ivfpq|hnsw|auto")
             index = Index.load(self.path / INDEX_FILE)
             if index.ntotal != self.meta["count"]:
                 raise ValueError(f"{self.path}: {INDEX_FILE} holds {index.ntotal} vectors but {META} says "
