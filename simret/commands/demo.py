@@ -11,7 +11,7 @@ import click
 STEPS = 8
 
 
-@click.command(short_help="Run every command offline on embedded real data (a few minutes on a CPU).")
+@click.command(short_help="Run every command offline on embedded real data (under a minute on a CPU).")
 @click.option("-o", "--out", default="demo-out", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for everything the demo writes (data, index, checkpoints, pictures, results).")
 @click.option("-m", "--model", "arch", default="resnet18", show_default=True, metavar="ARCH",
