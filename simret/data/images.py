@@ -47,15 +47,23 @@ def list_images(source: PathLike, *, recursive: bool = True) -> Tuple[Path, List
 
     Raises:
         FileNotFoundError: ``source`` does not exist, or a listed file is missing.
-        ValueError: the folder holds no images.
+        ValueError: the folder holds no images; ``source`` is an image file or not a text file.
     """
     source = Path(source).expanduser()
     if not source.exists():
         raise FileNotFoundError(f"no such folder or list file: {source}")
     if source.is_file():
+        if is_image_file(source):
+            raise ValueError(f"{source} is an image file, not a folder or a list: give the folder that holds it, "
+                             f"or a text file with one image path per line")
         root = source.parent.resolve()
         ids: List[str] = []
-        for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            text = source.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{source} is not a text list of image paths (not UTF-8 text): give a folder of "
+                             f"images or a text file with one image path per line") from None
+        for number, line in enumerate(text.splitlines(), 1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue

@@ -146,6 +146,12 @@ class Index:
         unknown = set(chosen) - set(auto_params(kind, max(n_hint, 1), dim))
         if unknown:
             raise ValueError(f"{kind} index does not take {', '.join(sorted(unknown))}")
+        for name, value in chosen.items():  # FAISS crashes (not raises) on zero or negative sizes
+            if int(value) < 1:
+                raise ValueError(f"{kind} index: {name} must be at least 1, got {value}")
+        if kind == "ivfpq" and int(chosen["nbits"]) > 16:
+            raise ValueError(f"ivfpq index: nbits must be at most 16 (2^nbits centroids per sub-quantizer), "
+                             f"got {chosen['nbits']}")
         if kind == "flat":
             index = faiss.IndexFlatIP(dim)
         elif kind == "ivfpq":
@@ -183,6 +189,10 @@ class Index:
         need = max(nlist, 1)
         if x.shape[0] < need:
             raise ValueError(f"{self.kind} with nlist={nlist} needs at least {need} training vectors, got {x.shape[0]}")
+        nbits = self.params.get("nbits")
+        if nbits is not None and x.shape[0] < 2 ** nbits:
+            raise ValueError(f"{self.kind} with nbits={nbits} needs at least 2^{nbits} = {2 ** nbits} training "
+                             f"vectors, got {x.shape[0]}: lower nbits (--index-param nbits=N) or use a flat index")
         size = train_size or max(64 * nlist, 10_000)
         if x.shape[0] > size:
             rows = np.sort(np.random.default_rng(seed).choice(x.shape[0], size, replace=False))
