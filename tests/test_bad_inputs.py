@@ -65,3 +65,80 @@ def test_index_bad_ivfpq_parameters_never_crash_faiss(photos, index_dir, param, 
     line = run("index", photos, "--out", index_dir, *MODEL, *FAST, "--index", "ivfpq", "--index-param", param)
     assert message in line
     assert (index_dir / "meta.json").read_text() == before  # the previous index is untouched
+
+
+def test_index_refuses_negative_workers_and_max_size(photos, tmp_path):
+    assert "--workers" in run("index", photos, "--out", tmp_path / "o", *MODEL, "-j", "-1", code=2)
+    assert "--max-size" in run("index", photos, "--out", tmp_path / "o", *MODEL, "--max-size", "-5", code=2)
+    assert not (tmp_path / "o").exists()
+
+
+def _store_like(index_dir, path, descriptors, ids):
+    import h5py
+    import numpy as np
+
+    with h5py.File(index_dir / "descriptors.h5", "r") as handle:
+        attrs = dict(handle.attrs)
+    with h5py.File(path, "w") as handle:
+        handle["descriptors"] = np.asarray(descriptors, dtype="float32")
+        handle["ids"] = np.array(ids, dtype=h5py.string_dtype())
+        handle.attrs.update(attrs)
+    return path
+
+
+def test_whiten_on_bad_descriptor_files_and_unreadable_images(photos, index_dir, tmp_path):
+    import numpy as np
+
+    nan = _store_like(index_dir, tmp_path / "nan.h5", np.full((4, 96), np.nan), list("abcd"))
+    line = run("index", photos, "--out", tmp_path / "o", *MODEL, *FAST, "--whiten", "pca", "--whiten-on", nan)
+    assert "--whiten-on" in line and "NaN" in line
+    narrow = _store_like(index_dir, tmp_path / "narrow.h5", np.eye(4, 5), list("abcd"))
+    line = run("index", photos, "--out", tmp_path / "o", *MODEL, *FAST, "--whiten", "pca", "--whiten-on", narrow)
+    assert "holds 5-d descriptors" in line
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for n in range(3):
+        (broken / f"{n}.jpg").write_text("not a picture")
+    line = run("index", photos, "--out", tmp_path / "o", *MODEL, *FAST, "--whiten", "pca", "--whiten-on", broken)
+    assert "at least two readable images, 0 of 3" in line
+    assert not (tmp_path / "o" / "meta.json").exists()
+
+
+# ----------------------------------------------------------------------------------------- search
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[1, 2]", "not a simret index description (a JSON list"),
+    ('{"name": "other tool"}', "not a simret index description (format None"),
+    ('{"format": "simret-index"}', "is damaged (missing or malformed: generation"),
+])
+def test_search_a_foreign_or_damaged_meta_json(index_dir, photos, tmp_path, content, message):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(index_dir, copy)
+    (copy / "meta.json").write_text(content)
+    assert message in run("search", copy, photos / "chelsea_easy_0.jpg")
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--qe", "1000"], "--qe: 1000 is more than the"), (["--dba", "1000"], "--dba: 1000 neighbours need more"),
+    (["--alpha", "-1", "--qe", "2"], "--alpha: must be ≥ 0"), (["-j", "-1"], "--workers: must be ≥ 0"),
+    (["-b", "0"], "--batch-size: must be at least 1"),
+])
+def test_search_refuses_impossible_options(index_dir, photos, option, message):
+    assert message in run("search", index_dir, photos / "chelsea_easy_0.jpg", *option, code=2)
+
+
+def test_search_with_empty_or_mismatched_descriptor_files(index_dir, tmp_path):
+    import numpy as np
+
+    empty = _store_like(index_dir, tmp_path / "empty.h5", np.zeros((0, 96)), [])
+    assert "empty.h5 holds no descriptors" in run("search", index_dir, "--descriptors", empty)
+    narrow = _store_like(index_dir, tmp_path / "narrow.h5", np.eye(2, 5), ["a", "b"])
+    assert "narrow.h5 holds 5-d descriptors" in run("search", index_dir, "--descriptors", narrow)
+    nan = _store_like(index_dir, tmp_path / "nan.h5", np.full((2, 96), np.inf), ["a", "b"])
+    assert "nan.h5 holds NaN or infinite descriptors" in run("search", index_dir, "--descriptors", nan)
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"not hdf5 at all")
+    assert "garbage.h5 is not a readable HDF5 file" in run("search", index_dir, "--descriptors", garbage)

@@ -71,10 +71,23 @@ def search(ctx: click.Context, index_dir: str, queries: Tuple[str, ...], k: int,
         raise click.BadParameter("must be at least 1", param_hint="-k")
     if qe < 0 or dba < 0 or rerank < 0:
         raise click.BadParameter("must be ≥ 0", param_hint="--qe/--dba/--rerank")
+    if alpha < 0:
+        raise click.BadParameter(f"must be ≥ 0 (0: plain average), got {alpha:g}", param_hint="--alpha")
+    if batch_size < 1:
+        raise click.BadParameter(f"must be at least 1, got {batch_size}", param_hint="--batch-size")
+    if workers < 0:
+        raise click.BadParameter(f"must be ≥ 0 (0: load images in this process), got {workers}", param_hint="--workers")
     if bool(queries) == bool(descriptor_file):
         raise click.UsageError("give query images or --descriptors FILE.h5 (one of the two)")
     box = _parse_bbox(bbox)
     index = IndexDir(index_dir)
+    count = index.meta["count"]
+    if qe > count:
+        raise click.BadParameter(f"{qe} is more than the {count} images of {index_dir}: use at most {count}",
+                                 param_hint="--qe")
+    if dba and dba >= count:
+        raise click.BadParameter(f"{dba} neighbours need more than the {count} images of {index_dir}: use at most "
+                                 f"{count - 1}", param_hint="--dba")
     if descriptor_file:
         if box is not None:
             raise click.UsageError("--bbox applies to query images, not to --descriptors")
@@ -107,8 +120,18 @@ def _faiss_on_gpu(ctx: click.Context, index, model_spec: Dict[str, Any], log) ->
 def _stored_queries(index, path: str):
     from simret.retrieval.store import read_store
 
+    import numpy as np
+
     stored = read_store(path)
     index.check_queries(stored.fingerprint, what=f"the query descriptors in {path}")
+    shape = stored.descriptors.shape
+    if not len(stored.ids):
+        raise ValueError(f"{path} holds no descriptors: nothing to search for")
+    if shape[1] != index.meta["dim"]:
+        raise ValueError(f"{path} holds {shape[1]}-d descriptors, the index {index.path} holds "
+                         f"{index.meta['dim']}-d ones")
+    if not np.isfinite(stored.descriptors).all():
+        raise ValueError(f"{path} holds NaN or infinite descriptors: recompute them")
     return stored.ids, stored.descriptors
 
 

@@ -49,6 +49,7 @@ STORE_ONLY = "none"  # index kind of a directory that keeps the descriptor store
 META, STORE, INDEX_FILE, WHITENING_FILE, SKIPPED, PARTIAL = (
     "meta.json", "descriptors.h5", "index.faiss", "whitening.npz", "skipped.tsv", ".partial")
 FORMAT = "simret-index"
+META_KEYS = ("generation", "root", "count", "fingerprint", "model", "dim", "scales", "max_size", "index", "whitening")
 FORMAT_VERSION = 1
 CHECKPOINT_SECONDS = 120.0
 
@@ -139,8 +140,14 @@ def read_meta(out: PathLike) -> Optional[Dict[str, Any]]:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"{path} is not readable JSON ({err}); remove it or pass --overwrite") from None
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a simret index description (format {meta.get('format')!r})")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = f"format {meta.get('format')!r}" if isinstance(meta, dict) else f"a JSON {type(meta).__name__}"
+        raise ValueError(f"{path} is not a simret index description ({found}, not written by simret index): "
+                         f"choose another directory, or replace it with simret index --overwrite")
+    missing = [key for key in META_KEYS if key not in meta]
+    if missing or not isinstance(meta["index"], dict) or not isinstance(meta["whitening"], dict):
+        raise ValueError(f"{path} is damaged (missing or malformed: {', '.join(missing) or 'index/whitening'}): "
+                         f"rebuild the index with simret index --overwrite")
     return meta
 
 
@@ -230,7 +237,13 @@ def learn_whitening(descriptors: np.ndarray, settings: IndexSettings, encoder: A
     if source.suffix.lower() in (".h5", ".hdf5"):
         learned = read_store(source)
         check_fingerprint(learned.fingerprint, fingerprint, what=f"whitening descriptors in {source}", where="this index")
-        return PCAWhitening.learn(learned.descriptors, settings.whiten_dim), str(source)
+        if learned.descriptors.shape[1] != descriptors.shape[1]:
+            raise ValueError(f"--whiten-on {source} holds {learned.descriptors.shape[1]}-d descriptors, this index "
+                             f"{descriptors.shape[1]}-d ones")
+        try:
+            return PCAWhitening.learn(learned.descriptors, settings.whiten_dim), str(source)
+        except ValueError as err:
+            raise ValueError(f"--whiten-on {source}: {err}") from None
     from simret.data.images import list_images
     from simret.retrieval.extract import extract
 
@@ -240,6 +253,9 @@ def learn_whitening(descriptors: np.ndarray, settings: IndexSettings, encoder: A
                      batch_size=settings.batch_size, workers=settings.workers, half=settings.half, progress=progress)
     if result.failures:
         log.warning("whitening: %d of %d images under %s could not be used", len(result.failures), len(ids), source)
+    if len(result.ids) < 2:
+        raise ValueError(f"--whiten-on {source}: whitening needs at least two readable images, "
+                         f"{len(result.ids)} of {len(ids)} could be used")
     return PCAWhitening.learn(result.descriptors, settings.whiten_dim), str(source)
 
 

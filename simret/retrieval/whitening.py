@@ -65,6 +65,8 @@ class PCAWhitening:
         if x.ndim != 2 or x.shape[0] < 2:
             raise ValueError(f"whitening needs at least two descriptors (N, D), got shape {x.shape}")
         n, d = x.shape
+        if not np.isfinite(x).all():
+            raise ValueError("whitening descriptors contain NaN or infinite values")
         if dim is not None and not 1 <= dim <= d:
             raise ValueError(f"whitening dimension must be in 1..{d}, got {dim}")
         mean = x.mean(axis=0)
@@ -75,6 +77,8 @@ class PCAWhitening:
         order = np.argsort(eigenvalues)[::-1]
         eigenvalues, eigenvectors = eigenvalues[order], eigenvectors[:, order]
         keep = int(np.sum(eigenvalues > RELATIVE_EIGEN_FLOOR * max(eigenvalues[0], 1e-30)))
+        if keep == 0:
+            raise ValueError(f"whitening needs descriptors that differ: the {n} given are all the same")
         if dim is not None and dim > keep:
             log.warning("whitening: only %d directions have non-zero variance in %d descriptors; keeping %d, not %d",
                         keep, n, keep, dim)
