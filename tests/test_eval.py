@@ -66,8 +66,8 @@ def test_distractors_qe_and_dba_configurations(data, tmp_path):
     settings = EvalSettings(max_size=96, workers=0, cache_dir=tmp_path / "cache", distractors="revisitop1m",
                             qe=2, dba=2)
     report = evaluate_encoder(encoder, data, "rsample", settings)
-    assert list(report.results) == ["rsample+αDBA2", "rsample+αDBA2+αQE2", "rsample+R1M+αDBA2",
-                                    "rsample+R1M+αDBA2+αQE2"]
+    assert list(report.results) == ["rsample", "rsample+αQE2", "rsample+αDBA2", "rsample+αDBA2+αQE2",
+                                    "rsample+R1M", "rsample+R1M+αQE2", "rsample+R1M+αDBA2", "rsample+R1M+αDBA2+αQE2"]
     assert report.counts["distractors"] == 6
     for result in report.results.values():
         assert set(result) == {"easy", "medium", "hard"}
@@ -76,6 +76,9 @@ def test_distractors_qe_and_dba_configurations(data, tmp_path):
                                                                     distractors="revisitop1m"))
     for setup in ("easy", "medium", "hard"):  # without DBA, distractors can only push positives down
         assert plain.results["rsample+R1M"][setup]["map"] <= plain.results["rsample"][setup]["map"] + 1e-9
+    for name in ("rsample", "rsample+R1M"):  # --dba adds its tables; the plain ones stay what they are
+        assert report.results[name] == plain.results[name]
+    assert report.results["rsample+αDBA2"] != report.results["rsample"]
 
 
 def test_eval_command_prints_tables_writes_json_and_reuses_descriptors(data, tmp_path):

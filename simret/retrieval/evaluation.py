@@ -220,27 +220,25 @@ def evaluate_encoder(encoder: Any, data_root: Path, dataset_name: str, settings:
     if dis_store is not None:
         configurations.append((f"{dataset.name}+{_short(distractors.name)}", True))
     for name, with_distractors in configurations:
-        db_vectors = database
-        if settings.dba:
-            if with_distractors:
+        for augment in (False, True) if settings.dba else (False,):  # plain first, then with αDBA
+            db_vectors, dis_vectors = database, None
+            if augment and with_distractors:
                 everything = np.concatenate([database, _store_rows(dis_store, np.asarray(dis_rows), whitening)])
                 augmented = dba(everything, settings.dba, settings.alpha)
                 db_vectors, dis_vectors = augmented[:n_db], augmented[n_db:]
-            else:
+            elif augment:
                 db_vectors = dba(database, settings.dba, settings.alpha)
-        scores = _scores(db_vectors, queries, dis_store if with_distractors else None, dis_rows, whitening,
-                         dis_vectors if settings.dba and with_distractors else None)
-        base = name + (f"+αDBA{settings.dba}" if settings.dba else "")
-        results[base] = _round(evaluate_revisited(scores, dataset.gnd, settings.kappas))
-        if settings.qe:
-            top = np.argpartition(-scores, settings.qe - 1, axis=0)[:settings.qe]  # (n, Q), unordered
-            neighbours = _gather(top, db_vectors, dis_store, dis_rows, whitening,
-                                 dis_vectors if settings.dba and with_distractors else None)
-            local = np.arange(top.size).reshape(queries.shape[0], settings.qe)  # rows of `neighbours`
-            expanded = alpha_qe(queries, neighbours, local, settings.qe, settings.alpha, layout="I")
-            scores = _scores(db_vectors, expanded, dis_store if with_distractors else None, dis_rows, whitening,
-                             dis_vectors if settings.dba and with_distractors else None)
-            results[f"{base}+αQE{settings.qe}"] = _round(evaluate_revisited(scores, dataset.gnd, settings.kappas))
+            dis_source = dis_store if with_distractors else None
+            scores = _scores(db_vectors, queries, dis_source, dis_rows, whitening, dis_vectors)
+            base = name + (f"+αDBA{settings.dba}" if augment else "")
+            results[base] = _round(evaluate_revisited(scores, dataset.gnd, settings.kappas))
+            if settings.qe:
+                top = np.argpartition(-scores, settings.qe - 1, axis=0)[:settings.qe]  # (n, Q), unordered
+                neighbours = _gather(top, db_vectors, dis_source, dis_rows, whitening, dis_vectors)
+                local = np.arange(top.size).reshape(queries.shape[0], settings.qe)  # rows of `neighbours`
+                expanded = alpha_qe(queries, neighbours, local, settings.qe, settings.alpha, layout="I")
+                scores = _scores(db_vectors, expanded, dis_source, dis_rows, whitening, dis_vectors)
+                results[f"{base}+αQE{settings.qe}"] = _round(evaluate_revisited(scores, dataset.gnd, settings.kappas))
     timings["evaluate"] = time.monotonic() - mark
     timings["total"] = time.monotonic() - started
     counts = {"database": n_db, "queries": len(dataset.qimlist), "distractors": len(dis_rows)}
