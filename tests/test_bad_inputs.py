@@ -142,3 +142,59 @@ def test_search_with_empty_or_mismatched_descriptor_files(index_dir, tmp_path):
     garbage = tmp_path / "garbage.h5"
     garbage.write_bytes(b"not hdf5 at all")
     assert "garbage.h5 is not a readable HDF5 file" in run("search", index_dir, "--descriptors", garbage)
+
+
+# ------------------------------------------------------------------------------------------- eval
+
+
+@pytest.fixture(scope="module")
+def revisited(tmp_path_factory):
+    from simret.data.samples import write_revisited_sample
+
+    root = tmp_path_factory.mktemp("rev")
+    write_revisited_sample(root, landmarks=["chelsea"], image_size=48, extra_distractors=0, distractor_views=1)
+    return root
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--max-size", "-5"], "--max-size: must be a positive number"), (["-b", "0"], "--batch-size: must be at least 1"),
+    (["-j", "-1"], "--workers: must be ≥ 0"), (["--alpha", "-1", "--qe", "1"], "--alpha: must be ≥ 0"),
+    (["--whiten-on", "no-such-folder"], "'--whiten-on': Path 'no-such-folder' does not exist"),
+])
+def test_eval_refuses_bad_options_before_any_work(revisited, tmp_path, option, message):
+    line = run("eval", "rsample", "--data-root", revisited, *MODEL, "--cache", tmp_path / "cache", *option, code=2)
+    assert message in line
+    assert not (tmp_path / "cache").exists()
+
+
+def test_eval_dba_beyond_the_collection(revisited, tmp_path):
+    line = run("eval", "rsample", "--data-root", revisited, *MODEL, "--cache", tmp_path / "cache", "--dba", "1000")
+    assert "--dba 1000 asks for more neighbours than the" in line
+
+
+def test_eval_whiten_on_unreadable_images(revisited, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for n in range(2):
+        (broken / f"{n}.png").write_bytes(b"\x89PNG but not really")
+    line = run("eval", "rsample", "--data-root", revisited, *MODEL, *FAST, "--cache", tmp_path / "cache",
+               "--whiten-on", broken)
+    assert "--whiten-on" in line and "0 of 2 could be used" in line
+
+
+# ---------------------------------------------------------------------------------------- weights
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"epoch": 3}, "no_tensors.pth: checkpoint holds no tensors"), (None, "is not a readable PyTorch checkpoint"),
+])
+def test_weights_files_without_weights_are_named(photos, tmp_path, content, message):
+    import torch
+
+    path = tmp_path / "no_tensors.pth"
+    if content is None:
+        path.write_bytes(b"\x80\x04 truncated")
+    else:
+        torch.save(content, path)
+    line = run("index", photos, "--out", tmp_path / "o", "--model", "test_resnet", "--weights", path, *FAST)
+    assert message in line and "no_tensors.pth" in line

@@ -24,7 +24,7 @@ DISTRACTOR_NAMES = {"r1m": "revisitop1m", "revisitop1m": "revisitop1m"}
 @click.option("--qe", default=0, show_default=True, metavar="N", help="Also evaluate with αQE over the top N.")
 @click.option("--dba", default=0, show_default=True, metavar="N", help="Database-side augmentation with N neighbours.")
 @click.option("--alpha", default=3.0, show_default=True, help="Similarity exponent of αQE and αDBA.")
-@click.option("--whiten-on", default=None, metavar="IMAGES|FILE.h5",
+@click.option("--whiten-on", default=None, type=click.Path(exists=True), metavar="IMAGES|FILE.h5",
               help="Learn PCA whitening on other images (or a descriptors file) and apply it to everything.")
 @click.option("--half", is_flag=True, help="Mixed-precision extraction.")
 @click.option("-b", "--batch-size", default=16, show_default=True, help="Images per forward pass (same-size images).")
@@ -59,6 +59,15 @@ def evaluate(dataset: str, data_root: Path, model_spec: Dict[str, Any], scales: 
 
     if qe < 0 or dba < 0:
         raise ValueError("--qe and --dba take a number of neighbours ≥ 0")
+    if alpha < 0:
+        raise click.BadParameter(f"must be ≥ 0 (0: plain average), got {alpha:g}", param_hint="--alpha")
+    if max_size < 0:
+        raise click.BadParameter(f"must be a positive number of pixels (0 keeps the size), got {max_size}",
+                                 param_hint="--max-size")
+    if batch_size < 1:
+        raise click.BadParameter(f"must be at least 1, got {batch_size}", param_hint="--batch-size")
+    if workers is not None and workers < 0:
+        raise click.BadParameter(f"must be ≥ 0 (0: load images in this process), got {workers}", param_hint="--workers")
     settings = EvalSettings(scales=parse_scales(scales), max_size=max_size or None, batch_size=batch_size,
                             workers=workers, half=half, distractors=DISTRACTOR_NAMES.get(distractors or ""),
                             qe=qe, dba=dba, alpha=alpha, whiten_on=whiten_on, cache_dir=cache)

@@ -310,7 +310,7 @@ def unwrap_state_dict(obj: Mapping[str, Any], checkpoint_key: Optional[str] = No
 
     if checkpoint_key is not None:
         if checkpoint_key not in obj:
-            raise WeightsError(f"checkpoint has no {checkpoint_key!r} entry; it has: {', '.join(map(str, obj))}")
+            raise WeightsError(f"checkpoint has no {checkpoint_key!r} entry; it has: {_name_keys(map(str, obj))}")
         obj = obj[checkpoint_key]
     else:
         for key in CONTAINER_KEYS:

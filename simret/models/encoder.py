@@ -377,7 +377,11 @@ def create_encoder(
             arch, pool, gamma, pool_kwargs, timm_kwargs = _merge_saved_config(
                 file_meta, arch, pool, gamma, pool_kwargs, timm_kwargs, label)
             data_config_override = dict(file_meta.get("data_config") or {})
-        state = unwrap_state_dict(obj, checkpoint_key if not file_meta else "state_dict" if "state_dict" in obj else None)
+        try:
+            state = unwrap_state_dict(obj, checkpoint_key if not file_meta else "state_dict" if "state_dict" in obj
+                                      else None)
+        except WeightsError as err:  # name the file: "checkpoint holds no tensors" alone leaves one guessing
+            raise WeightsError(f"{label}: {err}") from None
         mapped = map_checkpoint(state)
         if mapped.source != "simret" and pool == "simpool" and "beta" in mapped.pool:
             pool_kwargs.setdefault("use_beta", True)

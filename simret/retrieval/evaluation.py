@@ -158,10 +158,19 @@ def learn_whitening(encoder: Any, source: str, settings: EvalSettings):
         store = read_store(source)
         check_fingerprint(store.fingerprint, encoder.fingerprint, what=f"descriptors in {source}",
                           where="this evaluation's encoder")
-        return PCAWhitening.learn(store.descriptors)
+        if store.descriptors.ndim == 2 and store.descriptors.shape[1] != encoder.dim:
+            raise ValueError(f"--whiten-on {source} holds {store.descriptors.shape[1]}-d descriptors, this encoder "
+                             f"gives {encoder.dim}-d ones")
+        try:
+            return PCAWhitening.learn(store.descriptors)
+        except ValueError as err:
+            raise ValueError(f"--whiten-on {source}: {err}") from None
     root, ids = list_images(source)
     result = extract(encoder, root, ids, scales=settings.scales, max_size=settings.max_size,
                      batch_size=settings.batch_size, workers=settings.workers, half=settings.half)
+    if len(result.ids) < 2:
+        raise ValueError(f"--whiten-on {source}: whitening needs at least two readable images, "
+                         f"{len(result.ids)} of {len(ids)} could be used")
     return PCAWhitening.learn(result.descriptors)
 
 
@@ -179,6 +188,9 @@ def evaluate_encoder(encoder: Any, data_root: Path, dataset_name: str, settings:
     n_db, n_dis = len(dataset.imlist), len(distractors.ids) if distractors is not None else 0
     if settings.qe > n_db:
         raise ValueError(f"--qe {settings.qe} asks for more neighbours than the {n_db} images of {dataset.name}")
+    if settings.dba >= n_db + n_dis > 0:
+        raise ValueError(f"--dba {settings.dba} asks for more neighbours than the {n_db + n_dis - 1} other images "
+                         f"of {dataset.name}" + (" and its distractors" if n_dis else ""))
     if settings.dba and n_db + n_dis > DBA_LIMIT:
         raise ValueError(f"--dba needs an exact all-pairs search over {n_db + n_dis:,} descriptors; it is supported "
                          f"up to {DBA_LIMIT:,} (use --qe with distractors)")
