@@ -198,3 +198,46 @@ def test_weights_files_without_weights_are_named(photos, tmp_path, content, mess
         torch.save(content, path)
     line = run("index", photos, "--out", tmp_path / "o", "--model", "test_resnet", "--weights", path, *FAST)
     assert message in line and "no_tensors.pth" in line
+
+
+# ---------------------------------------------------------------------------------------- fewshot
+
+FEW = ["--model", "test_resnet", "--weights", "none", "--img-size", "16", "-j", "0", "--episodes", "3",
+       "--shot", "1", "--query", "2"]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    from simret.data.samples import write_fewshot_sample
+
+    root = tmp_path_factory.mktemp("digits")
+    write_fewshot_sample(root / "mini", layout="miniimagenet", image_size=16, per_class=4)
+    return root / "mini"
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--way", "1"], "--way: must be at least 2, got 1"), (["--img-size", "0"], "--img-size: must be at least 8"),
+    (["--crop-pct", "0"], "--crop-pct: must lie in (0, 1]"), (["--out", "."], "'--out': File '.' is a directory"),
+])
+def test_fewshot_refuses_bad_options_before_any_work(digits, tmp_path, option, message):
+    assert message in run("fewshot", digits, *FEW, "--features-dir", tmp_path / "f", *option, code=2)
+    assert not (tmp_path / "f").exists()
+
+
+def test_fewshot_features_dir_that_is_a_file(digits, tmp_path):
+    (tmp_path / "f").write_text("a file")
+    assert "'--features-dir': Directory" in run("fewshot", digits, *FEW, "--features-dir", tmp_path / "f", code=2)
+
+
+def test_fewshot_split_root_that_is_a_file(tmp_path):
+    (tmp_path / "split.csv").write_text("filename,label\n")
+    assert "split.csv is a file, not a few-shot split folder" in run("fewshot", tmp_path / "split.csv", *FEW)
+
+
+def test_fewshot_binary_csv(digits, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(digits, copy)
+    (copy / "test.csv").write_bytes(b"\xff\xfe\x00garbage")
+    assert "test.csv is not a UTF-8 text CSV" in run("fewshot", copy, *FEW, "--features-dir", tmp_path / "f")

@@ -34,9 +34,9 @@ BASE_MEAN_METHODS = ("simpleshot", "softkmeans")  # methods given the train spli
 @click.option("--method", "methods", default=DEFAULT_METHODS, show_default=True, metavar="NAME[,NAME…]",
               help="simpleshot, protonet, cosine, logreg, softkmeans (comma list).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Episode seed: same seed, same episodes.")
-@click.option("--out", type=click.Path(path_type=Path), default=None, metavar="FILE.json",
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE.json",
               help="Also write the results (fractions, not percent) and their provenance as JSON.")
-@click.option("--features-dir", type=click.Path(path_type=Path), default=None, metavar="DIR",
+@click.option("--features-dir", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
               help="Where features-<split>.h5 banks are kept and reused (default: a folder per dataset and "
                    "encoder under $SIMRET_CACHE or ~/.cache/simret/fewshot).")
 @click.option("-b", "--batch-size", type=int, default=64, show_default=True, help="Images per forward pass.")
@@ -62,10 +62,16 @@ def fewshot(ctx: click.Context, split_root: Path, split_format: str, split: str,
     """
     shot_list = _int_list(shots, "--shot")
     method_list = _method_list(methods)
-    for name, value, low in (("--way", n_way, 1), ("--query", n_query, 1), ("--episodes", n_episodes, 1),
+    for name, value, low in (("--way", n_way, 2), ("--query", n_query, 1), ("--episodes", n_episodes, 1),
                              ("--batch-size", batch_size, 1), ("--workers", workers, 0), ("--seed", seed, 0)):
         if value < low:
-            raise click.BadParameter(f"must be at least {low}, got {value}", param_hint=name)
+            raise click.BadParameter(f"must be at least {low}, got {value}"
+                                     + (" (a 1-way episode is always right)" if name == "--way" else ""),
+                                     param_hint=name)
+    if img_size is not None and img_size < 8:
+        raise click.BadParameter(f"must be at least 8 pixels, got {img_size}", param_hint="--img-size")
+    if crop_pct is not None and not 0 < crop_pct <= 1:
+        raise click.BadParameter(f"must lie in (0, 1] (1.0: no crop), got {crop_pct:g}", param_hint="--crop-pct")
 
     from simret.data.splits import available_splits, describe_split, load_split
     from simret.utils.logs import get_logger

@@ -98,6 +98,9 @@ def detect_format(root: PathLike, split: Optional[str] = None) -> str:
         FileNotFoundError: ``root`` is missing or holds neither layout.
     """
     root = Path(root).expanduser()
+    if root.is_file():
+        raise NotADirectoryError(f"{root} is a file, not a few-shot split folder (give the folder holding "
+                                 f"{split or 'test'}.csv or {split or 'test'}/)")
     if not root.is_dir():
         raise FileNotFoundError(f"no such split folder: {root}")
     names = [split] if split else list(SPLIT_NAMES)
@@ -182,6 +185,14 @@ def load_csv_split(root: PathLike, split: str, images_dir: Optional[PathLike] = 
 
 
 def _read_csv_rows(csv_path: Path) -> List[Tuple[str, str]]:
+    try:
+        return _parse_csv_rows(csv_path)
+    except UnicodeDecodeError:
+        raise ValueError(f"{csv_path} is not a UTF-8 text CSV: expected a 'filename,label' header and one row per "
+                         f"image") from None
+
+
+def _parse_csv_rows(csv_path: Path) -> List[Tuple[str, str]]:
     with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # -sig: a BOM from spreadsheet tools
         reader = csv.reader(handle)
         header = next(reader, None)
