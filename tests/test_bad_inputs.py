@@ -241,3 +241,30 @@ def test_fewshot_binary_csv(digits, tmp_path):
     shutil.copytree(digits, copy)
     (copy / "test.csv").write_bytes(b"\xff\xfe\x00garbage")
     assert "test.csv is not a UTF-8 text CSV" in run("fewshot", copy, *FEW, "--features-dir", tmp_path / "f")
+
+
+# ------------------------------------------------------------------------------------------ train
+
+TRAIN = ["--model", "test_resnet", "--weights", "none", "--img-size", "16", "--workers", "0", "--epochs", "1"]
+
+
+def test_train_on_only_unreadable_images_fails_without_a_checkpoint(tmp_path):
+    data = tmp_path / "data"
+    for name in ("a", "b"):
+        (data / name).mkdir(parents=True)
+        for n in range(2):
+            (data / name / f"{n}.jpg").write_text("not a picture")
+    line = run("train", data, "--out", tmp_path / "ckpt", *TRAIN, "--batch-size", "2")
+    assert "no image of" in line and "could be read" in line and "skipped.tsv" in line
+    assert not (tmp_path / "ckpt" / "last.pth").exists() and (tmp_path / "ckpt" / "skipped.tsv").is_file()
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--label-smoothing", "2"], "--label-smoothing must be in [0, 1)"), (["--epochs", "0"], "--epochs must be at"),
+    (["--lr", "-1"], "--lr must be positive"), (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--resume"], "--resume: no checkpoint to continue"),
+])
+def test_train_refuses_bad_options(tmp_path, option, message):
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    assert message in run("train", data, "--out", tmp_path / "ckpt", *TRAIN, *option)

@@ -111,6 +111,8 @@ class TrainConfig:
             (config.workers is None or config.workers >= 0, f"--workers must be non-negative, got {config.workers}"),
             (config.img_size is None or config.img_size >= 8, f"--img-size must be at least 8, got {config.img_size}"),
             (config.keep >= 0, f"--keep must be non-negative, got {config.keep}"),
+            (0 <= config.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {config.label_smoothing}"),
+            (config.scale > 0, f"--scale (ArcFace) must be positive, got {config.scale}"),
             (not (config.resume and config.overwrite), "--resume and --overwrite exclude each other"),
         ]
         for ok, message in checks:
@@ -549,6 +551,11 @@ class _Run:
                   "images_per_s": round(seen / seconds, 2) if seconds > 0 else None}
         rng_states = all_gather_object(capture_rng(device))
         failure_lists = all_gather_object(failures)
+        if not seen:  # every rank sees the same totals: all stop, and no checkpoint is overwritten
+            if self.main:
+                self._write_skipped(failure_lists)
+            raise ValueError(f"epoch {epoch + 1}: no image of {config.data} could be read ({int(skipped)} "
+                             f"unreadable, listed in {self.out / SKIPPED_FILE}): fix or remove them")
         if self.main:
             state = {
                 "simret_encoder": encoder_metadata(model.encoder),
