@@ -268,3 +268,26 @@ def test_train_refuses_bad_options(tmp_path, option, message):
     data = tmp_path / "data"
     (data / "a").mkdir(parents=True)
     assert message in run("train", data, "--out", tmp_path / "ckpt", *TRAIN, *option)
+
+
+# ------------------------------------------------------------------------------------ attention, demo
+
+
+def test_attention_on_unreadable_images_names_them(tmp_path):
+    (tmp_path / "fake.jpg").write_text("not a picture")
+    line = run("attention", tmp_path / "fake.jpg", *MODEL, "-o", tmp_path / "maps")
+    assert "no image could be read (fake.jpg: not an image" in line
+
+
+def test_attention_negative_max_size(photos, tmp_path):
+    line = run("attention", photos / "chelsea_easy_0.jpg", *MODEL, "--max-size", "-5", "-o", tmp_path / "m", code=2)
+    assert "--max-size: must be a positive number" in line
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--small", "--model", "resnet50"], "--small sets --model itself"),
+    (["--episodes", "0"], "--episodes: must be at least 1"), (["--image-size", "8"], "--image-size: must be at least 64"),
+])
+def test_demo_refuses_options_it_would_ignore_or_cannot_use(tmp_path, option, message):
+    assert message in run("demo", "-o", tmp_path / "demo", *option, code=2)
+    assert not (tmp_path / "demo").exists()

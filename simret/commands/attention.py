@@ -43,6 +43,9 @@ def attention(images: Tuple[Path, ...], model_spec: Dict[str, Any], out: Path, m
     from simret.visualize import attention_maps, render_overlay
 
     log = get_logger("simret.attention")
+    if max_size < 0:
+        raise click.BadParameter(f"must be a positive number of pixels (0 keeps the size), got {max_size}",
+                                 param_hint="--max-size")
     if model_spec["pool"] != "simpool":
         raise ValueError(f"attention maps need --pool simpool (got --pool {model_spec['pool']})")
     sources: List[Tuple[Path, str]] = []
@@ -69,6 +72,10 @@ def attention(images: Tuple[Path, ...], model_spec: Dict[str, Any], out: Path, m
             np.save(handle, result.map.astype(np.float32))
         peak = np.unravel_index(int(result.map.argmax()), result.map.shape)
         written.append((image_id, result.map.shape, peak, float(result.map.max()), f"{stem}.png"))
+    if not written:
+        shown = "; ".join(f"{image_id}: {reason}" for image_id, reason in skipped[:3])
+        raise ValueError(f"no image could be read ({shown}{' …' if len(skipped) > 3 else ''}): give image files "
+                         f"(.jpg, .png …) or folders of them")
     width = max([len(w[0]) for w in written] + [5])
     click.echo(f"{'image':<{width}}  grid     peak (row, col)  max weight  picture")
     for image_id, shape, peak, top, picture in written:
@@ -78,8 +85,6 @@ def attention(images: Tuple[Path, ...], model_spec: Dict[str, Any], out: Path, m
     if skipped:
         summary += f"; skipped {len(skipped)} unreadable image(s)"
     click.echo(summary, err=True)
-    if not written:
-        raise ValueError("no image could be read")
 
 
 def _unique_stems(image_ids: List[str]) -> List[str]:

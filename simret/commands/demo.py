@@ -39,8 +39,19 @@ def demo(out: Path, arch: str, gamma: float, epochs: int, episodes: int, image_s
     the point is that every command runs, and that fine-tuning moves few-shot accuracy. Each step prints
     the command it runs: copy it, change --model/--weights, and run it on your own data.
     """
+    from click.core import ParameterSource
+
     from simret.cli import cli
 
+    ctx = click.get_current_context()
+    overridden = [f"--{name.replace('_', '-')}" for name in ("arch", "epochs", "episodes", "image_size")
+                  if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)]
+    if small and overridden:
+        raise click.UsageError(f"--small sets {', '.join(o.replace('--arch', '--model') for o in overridden)} "
+                               f"itself: drop --small or those options")
+    for name, value, low in (("--epochs", epochs, 1), ("--episodes", episodes, 1), ("--image-size", image_size, 64)):
+        if value < low:
+            raise click.BadParameter(f"must be at least {low}, got {value}", param_hint=name)
     started = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
