@@ -291,3 +291,30 @@ def test_attention_negative_max_size(photos, tmp_path):
 def test_demo_refuses_options_it_would_ignore_or_cannot_use(tmp_path, option, message):
     assert message in run("demo", "-o", tmp_path / "demo", *option, code=2)
     assert not (tmp_path / "demo").exists()
+
+
+# ------------------------------------------------------------------------------- non-finite numbers
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--scales", "1e9"], "scales must be at most 4"), (["--scales", "nan"], "scales must be positive numbers"),
+    (["--gamma", "inf"], "gamma must be a positive finite number"),
+])
+def test_index_refuses_absurd_numbers(photos, tmp_path, option, message):
+    assert message in run("index", photos, "--out", tmp_path / "o", *MODEL, *FAST, *option)
+
+
+@pytest.mark.parametrize("box", ["0,0,inf,inf", "nan,0,5,5"])
+def test_search_refuses_non_finite_boxes(index_dir, photos, box):
+    line = run("search", index_dir, photos / "chelsea_easy_0.jpg", "--bbox", box, code=2)
+    assert "--bbox: expected finite numbers of pixels" in line
+
+
+@pytest.mark.parametrize("content", [b"junk, not numpy", b""])
+def test_search_with_a_damaged_whitening_file(photos, tmp_path, content):
+    out = tmp_path / "idx"
+    result = CliRunner().invoke(cli, ["index", str(photos), "--out", str(out), *MODEL, *FAST, "--whiten", "pca"])
+    assert result.exit_code == 0, result.output
+    (out / "whitening.npz").write_bytes(content)
+    line = run("search", out, photos / "chelsea_easy_0.jpg")
+    assert "whitening.npz is not a readable simret whitening file" in line

@@ -19,6 +19,8 @@ def _parse_bbox(text: Optional[str]) -> Optional[Tuple[float, float, float, floa
         x1, y1, x2, y2 = (float(p) for p in parts)
     except ValueError:
         raise click.BadParameter(f"expected x1,y1,x2,y2 in pixels, got {text!r}", param_hint="--bbox") from None
+    if not all(abs(v) < float("inf") for v in (x1, y1, x2, y2)):  # also refuses NaN
+        raise click.BadParameter(f"expected finite numbers of pixels, got {text!r}", param_hint="--bbox")
     if x2 <= x1 or y2 <= y1:
         raise click.BadParameter(f"x2 > x1 and y2 > y1 needed, got {text!r}", param_hint="--bbox")
     return (x1, y1, x2, y2)

@@ -76,8 +76,8 @@ class SimPool(nn.Module):
         super().__init__()
         if dim <= 0 or num_heads <= 0 or dim % num_heads:
             raise ValueError(f"SimPool needs dim divisible by num_heads, got dim={dim}, num_heads={num_heads}")
-        if gamma is not None and not gamma > 0:
-            raise ValueError(f"SimPool gamma must be positive (or None), got {gamma}")
+        if gamma is not None and not 0 < gamma < float("inf"):
+            raise ValueError(f"SimPool gamma must be a positive finite number (or None), got {gamma}")
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads

@@ -74,10 +74,15 @@ def _keep(item: Any) -> Any:  # DataLoader collate for single items (picklable, 
     return item
 
 
+MAX_SCALE = 4.0
+
+
 def check_scales(scales: Sequence[float]) -> Tuple[float, ...]:
     values = tuple(float(s) for s in scales)
     if not values or any(not np.isfinite(s) or s <= 0 for s in values):
         raise ValueError(f"scales must be positive numbers, got {list(scales)}")
+    if max(values) > MAX_SCALE:  # each scale multiplies the sides of the max-size image: 1e9 would never end
+        raise ValueError(f"scales must be at most {MAX_SCALE:g}, got {max(values):g}")
     return values
 
 

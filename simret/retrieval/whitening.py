@@ -8,6 +8,7 @@ learned on fewer descriptors than dimensions keeps at most ``N - 1`` of them.
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -115,9 +116,17 @@ class PCAWhitening:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no whitening file {path}")
-        with np.load(path, allow_pickle=False) as data:
-            missing = {"mean", "projection", "eigenvalues", "n_learned"} - set(data.files)
-            if missing:
-                raise ValueError(f"{path} is not a simret whitening file (missing {', '.join(sorted(missing))})")
-            return cls(data["mean"].astype(np.float32), data["projection"].astype(np.float32),
-                       data["eigenvalues"].astype(np.float32), int(data["n_learned"]))
+        try:
+            data = np.load(path, allow_pickle=False)
+            if not hasattr(data, "files"):
+                raise ValueError("a single array, not an .npz archive")
+            with data:
+                missing = {"mean", "projection", "eigenvalues", "n_learned"} - set(data.files)
+                if missing:
+                    raise ValueError(f"missing {', '.join(sorted(missing))}")
+                return cls(data["mean"].astype(np.float32), data["projection"].astype(np.float32),
+                           data["eigenvalues"].astype(np.float32), int(data["n_learned"]))
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+            reason = "not an .npz archive" if "pickled" in str(err) else str(err)  # numpy's hint to unpickle: no
+            raise ValueError(f"{path} is not a readable simret whitening file ({reason}): rebuild the index with "
+                             f"simret index --overwrite") from None
