@@ -318,3 +318,29 @@ def test_search_with_a_damaged_whitening_file(photos, tmp_path, content):
     (out / "whitening.npz").write_bytes(content)
     line = run("search", out, photos / "chelsea_easy_0.jpg")
     assert "whitening.npz is not a readable simret whitening file" in line
+
+
+# -------------------------------------------------------------------------------- damaged outputs
+
+
+def test_index_over_a_damaged_store_says_overwrite(photos, index_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(index_dir, copy)
+    (copy / "descriptors.h5").write_bytes(b"garbage")
+    line = run("index", photos, "--out", copy, *MODEL, *FAST)
+    assert "descriptors.h5 is not a readable HDF5 file" in line and "pass --overwrite to rebuild it" in line
+
+
+@pytest.mark.parametrize("name, content", [("descriptors.h5", b"garbage"), ("meta.json", b"{not json")])
+def test_eval_describes_a_damaged_cache_again(revisited, tmp_path, name, content):
+    args = ["eval", "rsample", "--data-root", str(revisited), *MODEL, *FAST, "--cache", str(tmp_path / "cache")]
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    (damaged,) = (tmp_path / "cache").glob(f"rsample/*/index/{name}")
+    damaged.write_bytes(content)
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0, again.output
+    assert "the cached descriptors are damaged" in again.output
+    assert again.stdout.split("\n", 1)[1] == first.stdout.split("\n", 1)[1]

@@ -76,9 +76,17 @@ def cached_descriptors(encoder: Any, paths: Sequence[Path], cache: Path, setting
     Raises:
         ValueError: some images could not be read and ``allow_failures`` is False (they are named).
     """
-    from simret.retrieval.indexdir import STORE_ONLY, IndexSettings, build_index, path_key
+    from simret.retrieval.indexdir import STORE, STORE_ONLY, IndexSettings, build_index, path_key, read_meta
+    from simret.retrieval.store import read_attrs
 
     cache.mkdir(parents=True, exist_ok=True)
+    damaged = False
+    try:  # a damaged cache (eval has no --overwrite) is described again, checkpoints of a stopped run kept
+        if read_meta(cache / "index") is not None and (cache / "index" / STORE).is_file():
+            read_attrs(cache / "index" / STORE)
+    except ValueError as err:
+        log.warning("%s: the cached descriptors are damaged (%s); describing the images again", what, err)
+        damaged = True
     listing = cache / "images.txt"
     resolved = [str(Path(p).resolve()) for p in paths]
     text = "".join(f"{p}\n" for p in resolved)
@@ -86,7 +94,7 @@ def cached_descriptors(encoder: Any, paths: Sequence[Path], cache: Path, setting
         listing.write_text(text)
     index_settings = IndexSettings(scales=tuple(settings.scales), max_size=settings.max_size, kind=STORE_ONLY,
                                    half=settings.half, batch_size=settings.batch_size, workers=settings.workers)
-    summary = build_index(listing, cache / "index", encoder, index_settings, progress=True)
+    summary = build_index(listing, cache / "index", encoder, index_settings, overwrite=damaged, progress=True)
     log.info("%s: %s", what, summary.line())
     if summary.failures and not allow_failures:
         shown = "; ".join(f"{i}: {reason}" for i, reason in summary.failures[:5])

@@ -307,7 +307,10 @@ def build_index(source: Union[PathLike, Tuple[Path, List[str]]], out: PathLike, 
     old_rows = np.zeros((0, encoder.dim), np.float32)
     index_root = root
     if meta is not None and (out / STORE).is_file():
-        old = read_store(out / STORE)
+        try:
+            old = read_store(out / STORE)
+        except StoreError as err:
+            raise StoreError(f"{err}: the index in {out} is damaged; pass --overwrite to rebuild it") from None
         check_fingerprint(old.fingerprint, fingerprint, what=f"descriptors in {out / STORE}", where="this run")
         old_ids, old_rows = old.ids, old.descriptors
         index_root = Path(meta.get("root", root)) if append else root
