@@ -120,9 +120,9 @@ def _faiss_on_gpu(ctx: click.Context, index, model_spec: Dict[str, Any], log) ->
 
 
 def _stored_queries(index, path: str):
-    from simret.retrieval.store import read_store
-
     import numpy as np
+
+    from simret.retrieval.store import read_store
 
     stored = read_store(path)
     index.check_queries(stored.fingerprint, what=f"the query descriptors in {path}")

@@ -139,7 +139,8 @@ def read_meta(out: PathLike) -> Optional[Dict[str, Any]]:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is not readable JSON ({err}); remove it or pass --overwrite") from None
+        raise ValueError(f"{path} is not readable JSON ({err}): rebuild the index with simret index "
+                         f"--overwrite") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = f"format {meta.get('format')!r}" if isinstance(meta, dict) else f"a JSON {type(meta).__name__}"
         raise ValueError(f"{path} is not a simret index description ({found}, not written by simret index): "
