@@ -344,3 +344,15 @@ def test_eval_describes_a_damaged_cache_again(revisited, tmp_path, name, content
     assert again.exit_code == 0, again.output
     assert "the cached descriptors are damaged" in again.output
     assert again.stdout.split("\n", 1)[1] == first.stdout.split("\n", 1)[1]
+
+
+def test_search_meta_json_without_index_kind(index_dir, photos, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(index_dir, copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    meta["index"] = {}
+    (copy / "meta.json").write_text(json.dumps(meta))
+    assert "meta.json is damaged (missing or malformed: index/whitening)" in run("search", copy, photos / "chelsea_easy_0.jpg")

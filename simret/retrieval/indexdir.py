@@ -146,7 +146,8 @@ def read_meta(out: PathLike) -> Optional[Dict[str, Any]]:
         raise ValueError(f"{path} is not a simret index description ({found}, not written by simret index): "
                          f"choose another directory, or replace it with simret index --overwrite")
     missing = [key for key in META_KEYS if key not in meta]
-    if missing or not isinstance(meta["index"], dict) or not isinstance(meta["whitening"], dict):
+    if missing or not isinstance(meta["index"], dict) or not {"kind", "dim"} <= set(meta["index"]) \
+            or not isinstance(meta["whitening"], dict):
         raise ValueError(f"{path} is damaged (missing or malformed: {', '.join(missing) or 'index/whitening'}): "
                          f"rebuild the index with simret index --overwrite")
     return meta
