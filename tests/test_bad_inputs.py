@@ -59,6 +59,7 @@ def test_index_a_binary_list_file(tmp_path):
 @pytest.mark.parametrize("param, message", [
     ("nlist=0", "nlist must be at least 1"), ("m=0", "m must be at least 1"), ("nbits=0", "nbits must be at least 1"),
     ("nbits=30", "nbits must be at most 16"), ("nbits=12", "needs at least 2^12 = 4096 training vectors"),
+    ("nprobe=100000000000000000000", "nprobe must be at least 1 and below 2^31"),
 ])
 def test_index_bad_ivfpq_parameters_never_crash_faiss(photos, index_dir, param, message):
     before = (index_dir / "meta.json").read_text()

@@ -147,8 +147,9 @@ class Index:
         if unknown:
             raise ValueError(f"{kind} index does not take {', '.join(sorted(unknown))}")
         for name, value in chosen.items():  # FAISS crashes (not raises) on zero or negative sizes
-            if int(value) < 1:
-                raise ValueError(f"{kind} index: {name} must be at least 1, got {value}")
+            if not 1 <= int(value) < 2 ** 31:
+                raise ValueError(f"{kind} index: {name} must be at least 1"
+                                 + (f", got {value}" if int(value) < 1 else f" and below 2^31, got {value}"))
         if kind == "ivfpq" and int(chosen["nbits"]) > 16:
             raise ValueError(f"ivfpq index: nbits must be at most 16 (2^nbits centroids per sub-quantizer), "
                              f"got {chosen['nbits']}")
