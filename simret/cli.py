@@ -67,13 +67,15 @@ class LazyGroup(click.Group):
 def _user_errors() -> tuple:
     """Exceptions that report bad input (a message is enough; ``-v`` shows the traceback)."""
     return (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-            PermissionError, KeyError)
+            PermissionError, KeyError, MemoryError)
 
 
 USER_ERRORS = _user_errors()
 
 
 def _one_message(err: BaseException) -> str:
+    if isinstance(err, MemoryError):  # e.g. --episodes 10000000000: numpy says how much it could not allocate
+        return f"out of memory ({err or 'MemoryError'}): ask for less (episodes, batch size, image size)"
     text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
     return text or type(err).__name__
 

@@ -70,7 +70,9 @@ def test_index_bad_ivfpq_parameters_never_crash_faiss(photos, index_dir, param, 
 
 def test_index_refuses_negative_workers_and_max_size(photos, tmp_path):
     assert "--workers" in run("index", photos, "--out", tmp_path / "o", *MODEL, "-j", "-1", code=2)
-    assert "--max-size" in run("index", photos, "--out", tmp_path / "o", *MODEL, "--max-size", "-5", code=2)
+    for size in ("-5", "100000000000000000000"):  # the huge one was an h5py TypeError traceback
+        line = run("index", photos, "--out", tmp_path / "o", *MODEL, "--max-size", size, code=2)
+        assert "--max-size: must be a number of pixels from 1 to 20000" in line
     assert not (tmp_path / "o").exists()
 
 
@@ -158,7 +160,8 @@ def revisited(tmp_path_factory):
 
 
 @pytest.mark.parametrize("option, message", [
-    (["--max-size", "-5"], "--max-size: must be a positive number"), (["-b", "0"], "--batch-size: must be at least 1"),
+    (["--max-size", "-5"], "--max-size: must be a number of pixels from 1 to 20000"),
+    (["-b", "0"], "--batch-size: must be at least 1"),
     (["-j", "-1"], "--workers: must be ≥ 0"), (["--alpha", "-1", "--qe", "1"], "--alpha: must be ≥ 0"),
     (["--whiten-on", "no-such-folder"], "'--whiten-on': Path 'no-such-folder' does not exist"),
 ])
@@ -217,7 +220,8 @@ def digits(tmp_path_factory):
 
 
 @pytest.mark.parametrize("option, message", [
-    (["--way", "1"], "--way: must be at least 2, got 1"), (["--img-size", "0"], "--img-size: must be at least 8"),
+    (["--way", "1"], "--way: must be at least 2, got 1"), (["--img-size", "0"], "--img-size: must be from 8 to 20000"),
+    (["--img-size", "100000000000000000000"], "--img-size: must be from 8 to 20000 pixels"),
     (["--crop-pct", "0"], "--crop-pct: must lie in (0, 1]"), (["--out", "."], "'--out': File '.' is a directory"),
 ])
 def test_fewshot_refuses_bad_options_before_any_work(digits, tmp_path, option, message):
@@ -263,6 +267,7 @@ def test_train_on_only_unreadable_images_fails_without_a_checkpoint(tmp_path):
 @pytest.mark.parametrize("option, message", [
     (["--label-smoothing", "2"], "--label-smoothing must be in [0, 1)"), (["--epochs", "0"], "--epochs must be at"),
     (["--lr", "-1"], "--lr must be positive"), (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--img-size", "100000000000000000000"], "--img-size must be from 8 to 20000 pixels"),
     (["--resume"], "--resume: no checkpoint to continue"),
 ])
 def test_train_refuses_bad_options(tmp_path, option, message):
@@ -282,12 +287,13 @@ def test_attention_on_unreadable_images_names_them(tmp_path):
 
 def test_attention_negative_max_size(photos, tmp_path):
     line = run("attention", photos / "chelsea_easy_0.jpg", *MODEL, "--max-size", "-5", "-o", tmp_path / "m", code=2)
-    assert "--max-size: must be a positive number" in line
+    assert "--max-size: must be a number of pixels from 1 to 20000" in line
 
 
 @pytest.mark.parametrize("option, message", [
     (["--small", "--model", "resnet50"], "--small sets --model itself"),
-    (["--episodes", "0"], "--episodes: must be at least 1"), (["--image-size", "8"], "--image-size: must be at least 64"),
+    (["--episodes", "0"], "--episodes: must be at least 1"),
+    (["--image-size", "8"], "--image-size: must be at least 64"),
 ])
 def test_demo_refuses_options_it_would_ignore_or_cannot_use(tmp_path, option, message):
     assert message in run("demo", "-o", tmp_path / "demo", *option, code=2)
@@ -356,4 +362,16 @@ def test_search_meta_json_without_index_kind(index_dir, photos, tmp_path):
     meta = json.loads((copy / "meta.json").read_text())
     meta["index"] = {}
     (copy / "meta.json").write_text(json.dumps(meta))
-    assert "meta.json is damaged (missing or malformed: index/whitening)" in run("search", copy, photos / "chelsea_easy_0.jpg")
+    line = run("search", copy, photos / "chelsea_easy_0.jpg")
+    assert "meta.json is damaged (missing or malformed: index/whitening)" in line
+
+
+def test_out_of_memory_is_one_line(digits, tmp_path, monkeypatch):
+    import simret.fewshot.episodes
+
+    def too_big(*args, **kwargs):  # what numpy raises for --episodes 10000000000 (373 GiB)
+        raise MemoryError("Unable to allocate 373. GiB for an array with shape (10000000000, 5) and data type int64")
+
+    monkeypatch.setattr(simret.fewshot.episodes, "sample_episodes", too_big)
+    line = run("fewshot", digits, *FEW, "--features-dir", tmp_path / "f")
+    assert "out of memory (Unable to allocate 373. GiB" in line and "ask for less" in line

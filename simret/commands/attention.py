@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Tuple
 
 import click
 
-from simret.commands.options import model_options
+from simret.commands.options import check_max_size, model_options
 
 CMAPS = ["inferno", "viridis", "jet", "gray"]
 
@@ -43,9 +43,7 @@ def attention(images: Tuple[Path, ...], model_spec: Dict[str, Any], out: Path, m
     from simret.visualize import attention_maps, render_overlay
 
     log = get_logger("simret.attention")
-    if max_size < 0:
-        raise click.BadParameter(f"must be a positive number of pixels (0 keeps the size), got {max_size}",
-                                 param_hint="--max-size")
+    check_max_size(max_size)
     if model_spec["pool"] != "simpool":
         raise ValueError(f"attention maps need --pool simpool (got --pool {model_spec['pool']})")
     sources: List[Tuple[Path, str]] = []

@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional
 
 import click
 
-from simret.commands.options import model_options
+from simret.commands.options import check_max_size, model_options
 
 DISTRACTOR_NAMES = {"r1m": "revisitop1m", "revisitop1m": "revisitop1m"}
 
@@ -61,9 +61,7 @@ def evaluate(dataset: str, data_root: Path, model_spec: Dict[str, Any], scales: 
         raise ValueError("--qe and --dba take a number of neighbours ≥ 0")
     if alpha < 0:
         raise click.BadParameter(f"must be ≥ 0 (0: plain average), got {alpha:g}", param_hint="--alpha")
-    if max_size < 0:
-        raise click.BadParameter(f"must be a positive number of pixels (0 keeps the size), got {max_size}",
-                                 param_hint="--max-size")
+    check_max_size(max_size)
     if batch_size < 1:
         raise click.BadParameter(f"must be at least 1, got {batch_size}", param_hint="--batch-size")
     if workers is not None and workers < 0:

@@ -68,8 +68,10 @@ def fewshot(ctx: click.Context, split_root: Path, split_format: str, split: str,
             raise click.BadParameter(f"must be at least {low}, got {value}"
                                      + (" (a 1-way episode is always right)" if name == "--way" else ""),
                                      param_hint=name)
-    if img_size is not None and img_size < 8:
-        raise click.BadParameter(f"must be at least 8 pixels, got {img_size}", param_hint="--img-size")
+    from simret.data.images import MAX_SIDE
+
+    if img_size is not None and not 8 <= img_size <= MAX_SIDE:
+        raise click.BadParameter(f"must be from 8 to {MAX_SIDE} pixels, got {img_size}", param_hint="--img-size")
     if crop_pct is not None and not 0 < crop_pct <= 1:
         raise click.BadParameter(f"must lie in (0, 1] (1.0: no crop), got {crop_pct:g}", param_hint="--crop-pct")
 

@@ -5,7 +5,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import click
 
-from simret.commands.options import model_options
+from simret.commands.options import check_max_size, model_options
 
 INDEX_KINDS = ["auto", "flat", "ivfpq", "hnsw", "none"]
 
@@ -87,9 +87,7 @@ def index(ctx: click.Context, images: str, out: str, model_spec: Dict[str, Any],
         raise click.BadParameter("must be at least 1", param_hint="--batch-size")
     if workers is not None and workers < 0:
         raise click.BadParameter(f"must be ≥ 0 (0: load images in this process), got {workers}", param_hint="--workers")
-    if max_size < 0:
-        raise click.BadParameter(f"must be a positive number of pixels (0 keeps the size), got {max_size}",
-                                 param_hint="--max-size")
+    check_max_size(max_size)
     if checkpoint_every < 1:
         raise click.BadParameter("must be at least 1", param_hint="--checkpoint-every")
     if append and overwrite:

@@ -23,6 +23,15 @@ def check_device_name(ctx: click.Context, param: click.Parameter, value: Optiona
     return name
 
 
+def check_max_size(max_size: int) -> None:
+    """A usage error for a ``--max-size`` no image can have (negative, or past the longest side simret reads)."""
+    from simret.data.images import MAX_SIDE
+
+    if not 0 <= max_size <= MAX_SIDE:
+        raise click.BadParameter(f"must be a number of pixels from 1 to {MAX_SIDE} (0 keeps the size), got "
+                                 f"{max_size}", param_hint="--max-size")
+
+
 def model_options(command: Callable) -> Callable:
     """Add ``--model --pool --gamma --weights --checkpoint-key --device`` to a command.
 

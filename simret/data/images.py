@@ -18,7 +18,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-MAX_PIXELS = 20_000 * 20_000  # decompression-bomb guard: larger images are refused, not decoded
+MAX_SIDE = 20_000  # the longest side asked for (--max-size, --img-size): simret reads no larger image
+MAX_PIXELS = MAX_SIDE * MAX_SIDE  # decompression-bomb guard: larger images are refused, not decoded
 Box = Tuple[float, float, float, float]
 PathLike = Union[str, os.PathLike]
 

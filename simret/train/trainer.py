@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from simret.data.images import MAX_SIDE
 from simret.models.encoder import encoder_metadata
 from simret.train.checkpoint import (
     ENCODER_FILE,
@@ -109,7 +110,8 @@ class TrainConfig:
             (config.batch_size >= 1, f"--batch-size must be at least 1, got {config.batch_size}"),
             (config.grad_clip is None or config.grad_clip > 0, f"--grad-clip must be positive, got {config.grad_clip}"),
             (config.workers is None or config.workers >= 0, f"--workers must be non-negative, got {config.workers}"),
-            (config.img_size is None or config.img_size >= 8, f"--img-size must be at least 8, got {config.img_size}"),
+            (config.img_size is None or 8 <= config.img_size <= MAX_SIDE,
+             f"--img-size must be from 8 to {MAX_SIDE} pixels, got {config.img_size}"),
             (config.keep >= 0, f"--keep must be non-negative, got {config.keep}"),
             (0 <= config.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {config.label_smoothing}"),
             (config.scale > 0, f"--scale (ArcFace) must be positive, got {config.scale}"),
