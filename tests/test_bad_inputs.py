@@ -294,6 +294,7 @@ def test_attention_negative_max_size(photos, tmp_path):
     (["--small", "--model", "resnet50"], "--small sets --model itself"),
     (["--episodes", "0"], "--episodes: must be at least 1"),
     (["--image-size", "8"], "--image-size: must be at least 64"),
+    (["--image-size", "100000000000000000000"], "--image-size: must be at most 20000"),
 ])
 def test_demo_refuses_options_it_would_ignore_or_cannot_use(tmp_path, option, message):
     assert message in run("demo", "-o", tmp_path / "demo", *option, code=2)

@@ -49,9 +49,13 @@ def demo(out: Path, arch: str, gamma: float, epochs: int, episodes: int, image_s
     if small and overridden:
         raise click.UsageError(f"--small sets {', '.join(o.replace('--arch', '--model') for o in overridden)} "
                                f"itself: drop --small or those options")
+    from simret.data.images import MAX_SIDE
+
     for name, value, low in (("--epochs", epochs, 1), ("--episodes", episodes, 1), ("--image-size", image_size, 64)):
         if value < low:
             raise click.BadParameter(f"must be at least {low}, got {value}", param_hint=name)
+    if image_size > MAX_SIDE:
+        raise click.BadParameter(f"must be at most {MAX_SIDE} pixels, got {image_size}", param_hint="--image-size")
     started = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
