@@ -126,7 +126,9 @@ def test_search_a_foreign_or_damaged_meta_json(index_dir, photos, tmp_path, cont
 
 @pytest.mark.parametrize("option, message", [
     (["--qe", "1000"], "--qe: 1000 is more than the"), (["--dba", "1000"], "--dba: 1000 neighbours need more"),
-    (["--alpha", "-1", "--qe", "2"], "--alpha: must be ≥ 0"), (["-j", "-1"], "--workers: must be ≥ 0"),
+    (["--alpha", "-1", "--qe", "2"], "--alpha: must be a finite number ≥ 0"),
+    (["--alpha", "nan", "--qe", "2"], "--alpha: must be a finite number ≥ 0"),
+    (["-j", "-1"], "--workers: must be ≥ 0"),
     (["-b", "0"], "--batch-size: must be at least 1"),
 ])
 def test_search_refuses_impossible_options(index_dir, photos, option, message):
@@ -162,7 +164,7 @@ def revisited(tmp_path_factory):
 @pytest.mark.parametrize("option, message", [
     (["--max-size", "-5"], "--max-size: must be a number of pixels from 1 to 20000"),
     (["-b", "0"], "--batch-size: must be at least 1"),
-    (["-j", "-1"], "--workers: must be ≥ 0"), (["--alpha", "-1", "--qe", "1"], "--alpha: must be ≥ 0"),
+    (["-j", "-1"], "--workers: must be ≥ 0"), (["--alpha", "inf", "--qe", "1"], "--alpha: must be a finite number"),
     (["--whiten-on", "no-such-folder"], "'--whiten-on': Path 'no-such-folder' does not exist"),
 ])
 def test_eval_refuses_bad_options_before_any_work(revisited, tmp_path, option, message):

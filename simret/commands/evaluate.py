@@ -59,13 +59,15 @@ def evaluate(dataset: str, data_root: Path, model_spec: Dict[str, Any], scales: 
 
     if qe < 0 or dba < 0:
         raise ValueError("--qe and --dba take a number of neighbours ≥ 0")
-    if alpha < 0:
-        raise click.BadParameter(f"must be ≥ 0 (0: plain average), got {alpha:g}", param_hint="--alpha")
+    if not 0 <= alpha < float("inf"):  # NaN too
+        raise click.BadParameter(f"must be a finite number ≥ 0 (0: plain average), got {alpha:g}",
+                                 param_hint="--alpha")
     check_max_size(max_size)
     if batch_size < 1:
         raise click.BadParameter(f"must be at least 1, got {batch_size}", param_hint="--batch-size")
     if workers is not None and workers < 0:
-        raise click.BadParameter(f"must be ≥ 0 (0: load images in this process), got {workers}", param_hint="--workers")
+        raise click.BadParameter(f"must be ≥ 0 (0: load images in this process), got {workers}",
+                                 param_hint="--workers")
     settings = EvalSettings(scales=parse_scales(scales), max_size=max_size or None, batch_size=batch_size,
                             workers=workers, half=half, distractors=DISTRACTOR_NAMES.get(distractors or ""),
                             qe=qe, dba=dba, alpha=alpha, whiten_on=whiten_on, cache_dir=cache)

@@ -86,7 +86,8 @@ def index(ctx: click.Context, images: str, out: str, model_spec: Dict[str, Any],
     if batch_size < 1:
         raise click.BadParameter("must be at least 1", param_hint="--batch-size")
     if workers is not None and workers < 0:
-        raise click.BadParameter(f"must be ≥ 0 (0: load images in this process), got {workers}", param_hint="--workers")
+        raise click.BadParameter(f"must be ≥ 0 (0: load images in this process), got {workers}",
+                                 param_hint="--workers")
     check_max_size(max_size)
     if checkpoint_every < 1:
         raise click.BadParameter("must be at least 1", param_hint="--checkpoint-every")

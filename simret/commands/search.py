@@ -73,12 +73,14 @@ def search(ctx: click.Context, index_dir: str, queries: Tuple[str, ...], k: int,
         raise click.BadParameter("must be at least 1", param_hint="-k")
     if qe < 0 or dba < 0 or rerank < 0:
         raise click.BadParameter("must be ≥ 0", param_hint="--qe/--dba/--rerank")
-    if alpha < 0:
-        raise click.BadParameter(f"must be ≥ 0 (0: plain average), got {alpha:g}", param_hint="--alpha")
+    if not 0 <= alpha < float("inf"):  # NaN too
+        raise click.BadParameter(f"must be a finite number ≥ 0 (0: plain average), got {alpha:g}",
+                                 param_hint="--alpha")
     if batch_size < 1:
         raise click.BadParameter(f"must be at least 1, got {batch_size}", param_hint="--batch-size")
     if workers < 0:
-        raise click.BadParameter(f"must be ≥ 0 (0: load images in this process), got {workers}", param_hint="--workers")
+        raise click.BadParameter(f"must be ≥ 0 (0: load images in this process), got {workers}",
+                                 param_hint="--workers")
     if bool(queries) == bool(descriptor_file):
         raise click.UsageError("give query images or --descriptors FILE.h5 (one of the two)")
     box = _parse_bbox(bbox)
