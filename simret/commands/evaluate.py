@@ -28,7 +28,8 @@ DISTRACTOR_NAMES = {"r1m": "revisitop1m", "revisitop1m": "revisitop1m"}
               help="Learn PCA whitening on other images (or a descriptors file) and apply it to everything.")
 @click.option("--half", is_flag=True, help="Mixed-precision extraction.")
 @click.option("-b", "--batch-size", default=16, show_default=True, help="Images per forward pass (same-size images).")
-@click.option("-j", "--workers", default=None, type=int, help="Image-loading worker processes (default: up to 8 beside a GPU, none on a small CPU).")
+@click.option("-j", "--workers", default=None, type=int,
+              help="Image-loading worker processes (default: up to 8 beside a GPU, none on a small CPU).")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where descriptors are kept between runs (default: ~/.cache/simret/eval or $SIMRET_CACHE/eval).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,

@@ -17,8 +17,9 @@ Reproducibility: the only random numbers used are the raw 64-bit outputs of NumP
 ``SeedSequence(seed)`` — bit-generator streams are the part of NumPy's RNG that its compatibility policy
 (NEP 19) keeps fixed across platforms and versions, unlike ``Generator`` methods — turned into doubles here
 as ``(raw >> 11) · 2⁻⁵³`` (exact in IEEE arithmetic); classes are picked by sorting random keys, images by
-Floyd's algorithm and a key sort, all in integer/IEEE arithmetic that gives the same result on every machine. Every episode consumes a fixed number of doubles in order, so the first
-``n`` episodes of a longer run are exactly the episodes of a run with ``n_episodes=n``.
+Floyd's algorithm and a key sort, all in integer/IEEE arithmetic that gives the same result on every machine.
+Every episode consumes a fixed number of doubles in order, so the first ``n`` episodes of a longer run are
+exactly the episodes of a run with ``n_episodes=n``.
 """
 from __future__ import annotations
 
