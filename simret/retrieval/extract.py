@@ -57,17 +57,11 @@ class ExtractedBatch:
 
 
 def default_workers(device: Any = None) -> int:
-    """DataLoader workers for a model on ``device``.
+    """DataLoader workers for a model on ``device``: ``simret.utils.devices.default_loader_workers`` (up to 8
+    beside an accelerator; on the CPU, whose cores the model uses, none on <= 2 cores)."""
+    from simret.utils.devices import default_loader_workers
 
-    On an accelerator, loading overlaps the model completely: up to 8 workers, one core left over. On the
-    CPU the model already uses every core (torch intra-op threads) and a worker only steals them, so
-    small machines decode in the main process (0 workers on ≤ 2 cores) and larger ones use a few.
-    """
-    cores = os.cpu_count() or 1
-    kind = getattr(device, "type", str(device or "cpu")).split(":")[0]
-    if kind != "cpu":
-        return max(0, min(8, cores - 1))
-    return max(0, min(4, (cores - 2) // 2))
+    return default_loader_workers(device)
 
 
 def _keep(item: Any) -> Any:  # DataLoader collate for single items (picklable, unlike a lambda)

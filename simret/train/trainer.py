@@ -40,6 +40,7 @@ from simret.train.checkpoint import (
 from simret.train.data import LabelledImages, describe, list_labelled_images
 from simret.train.heads import create_head
 from simret.train.schedule import WarmupCosine
+from simret.utils.devices import default_loader_workers
 from simret.utils.distributed import (
     DistributedContext,
     all_gather_object,
@@ -193,21 +194,9 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, An
 
 
 def default_train_workers(device: torch.device, processes_here: int = 1) -> int:
-    """DataLoader workers per rank when ``--workers`` is not given.
-
-    Beside an accelerator, loading and augmenting overlap the model: up to 8 workers per rank, sharing the
-    machine's cores (one left over) among the ``processes_here`` ranks on it. On the CPU the model already
-    uses every core, so small machines decode in the training process (0 workers on <= 2 cores per rank)
-    and larger ones use a few (as ``simret index`` does).
-    """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    share = max(1, cores // max(1, processes_here))
-    if device.type != "cpu":
-        return max(0, min(8, share - 1))
-    return max(0, min(4, (share - 2) // 2))
+    """DataLoader workers per rank when ``--workers`` is not given (``default_loader_workers``: up to 8 beside
+    an accelerator with the cores shared among the ``processes_here`` ranks; 0 on a small CPU)."""
+    return default_loader_workers(device, processes_here)
 
 
 def unused_parameters(model: nn.Module, input_size: Tuple[int, int, int], device: torch.device) -> List[str]:

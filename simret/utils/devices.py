@@ -1,8 +1,9 @@
 """Device selection: ``auto`` picks CUDA when present, then Apple MPS, else the CPU."""
 from __future__ import annotations
 
+import os
 import re
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Any, Union
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -38,3 +39,22 @@ def resolve_device(name: Union[str, torch.device, None] = "auto") -> torch.devic
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ValueError("device 'mps' asked for, but MPS is not available here; use --device cpu")
     return torch.device(name)
+
+
+def default_loader_workers(device: Any = None, processes_here: int = 1) -> int:
+    """DataLoader workers per process for a model on ``device`` (a ``torch.device`` or a name).
+
+    Beside an accelerator, loading overlaps the model: up to 8 workers per process, the machine's cores
+    (one left over) shared among the ``processes_here`` processes on it (torchrun ranks). On the CPU the
+    model already uses every core (torch intra-op threads) and a worker only steals them, so small machines
+    decode in the main process (0 workers on <= 2 cores per process) and larger ones use a few.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    share = max(1, cores // max(1, processes_here))
+    kind = getattr(device, "type", str(device or "cpu")).split(":")[0]
+    if kind != "cpu":
+        return max(0, min(8, share - 1))
+    return max(0, min(4, (share - 2) // 2))
