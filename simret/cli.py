@@ -21,7 +21,7 @@ from simret.utils.logs import setup_logging
 COMMANDS: Dict[str, str] = {
     "index": "simret.commands.index:index",
     "search": "simret.commands.search:search",
-    "eval": "simret.commands.evaluate:evaluate",
+    "eval": "simret.commands.eval:evaluate",
     "fewshot": "simret.commands.fewshot:fewshot",
     "train": "simret.commands.train:train",
     "attention": "simret.commands.attention:attention",

@@ -25,7 +25,7 @@ def data(tmp_path_factory):
 
 def test_evaluate_encoder_equals_metrics_on_extracted_descriptors(data, tmp_path):
     from simret.data.revisited import load_revisited
-    from simret.retrieval.extract import extract
+    from simret.retrieval.extraction import extract
     from simret.retrieval.metrics import evaluate_revisited
 
     encoder = create_encoder("test_resnet", gamma=2.0)
@@ -44,7 +44,7 @@ def test_evaluate_encoder_equals_metrics_on_extracted_descriptors(data, tmp_path
 
 
 def test_queries_are_extracted_cropped_to_their_boxes(data, tmp_path, monkeypatch):
-    import simret.retrieval.extract as extract_module
+    import simret.retrieval.extraction as extract_module
     from simret.data.revisited import load_revisited
 
     calls = []

@@ -147,10 +147,10 @@ def test_import_is_light_and_names_are_the_public_ones():
 
     code = ("import sys, simret.fewshot as f\n"
             "heavy = [m for m in ('torch', 'sklearn', 'h5py', 'faiss') if m in sys.modules]\n"
-            "import simret.fewshot.evaluate\n"
+            "import simret.fewshot.evaluation\n"
             "print(heavy, callable(f.evaluate), f.evaluate.__module__, callable(f.get_method), f.Episodes.__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["[]", "True", "simret.fewshot.evaluate", "True", "Episodes"]
+    assert out.split() == ["[]", "True", "simret.fewshot.evaluation", "True", "Episodes"]
 
 
 def test_uneven_shots_per_class_and_missing_classes(bank):
@@ -206,9 +206,7 @@ def test_progress_bar_counts_every_episode_and_changes_nothing(bank, episodes, m
 
 
 def test_accuracy_over_classes_decides_exactly_as_argmax():
-    import sys
-
-    accuracy_over_classes = sys.modules["simret.fewshot.evaluate"]._accuracy_over_classes
+    from simret.fewshot.evaluation import _accuracy_over_classes as accuracy_over_classes
     rng = np.random.default_rng(0)
     scores = rng.integers(0, 3, size=(40, 5, 7)).astype(np.float32)  # small integers: many ties
     scores[0, 2, 3] = np.nan  # NaN wins argmax

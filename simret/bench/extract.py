@@ -40,7 +40,7 @@ def run(quick: bool = False) -> Section:
 
     from simret.data.images import RetrievalTransform, load_image
     from simret.models import create_encoder
-    from simret.retrieval.extract import default_workers, extract
+    from simret.retrieval.extraction import default_workers, extract
 
     section = Section("extract", TITLE, "python scripts/bench.py extract")
     arch, count, size, batch = ("test_resnet", 32, (96, 72), 8) if quick else ("resnet50", 96, (224, 168), 16)

@@ -9,7 +9,6 @@ import click
 from simret.commands.options import model_options
 
 DEFAULT_METHODS = "simpleshot"
-BASE_MEAN_METHODS = ("simpleshot", "softkmeans")  # methods given the train split's mean (CL2N)
 
 
 @click.command(short_help="Few-shot accuracy ± 95% CI (ProtoNet, SimpleShot, logreg …) on a split.")
@@ -75,81 +74,23 @@ def fewshot(ctx: click.Context, split_root: Path, split_format: str, split: str,
     if crop_pct is not None and not 0 < crop_pct <= 1:
         raise click.BadParameter(f"must lie in (0, 1] (1.0: no crop), got {crop_pct:g}", param_hint="--crop-pct")
 
-    from simret.data.splits import available_splits, describe_split, load_split
+    from simret.commands.options import build_encoder
+    from simret.fewshot.experiment import FewShotSettings, load_splits, run_fewshot
+    from simret.utils.atomic import write_json_atomic
     from simret.utils.logs import get_logger
 
-    log = get_logger("simret.fewshot")
-    split_format = _resolved_format(split_root, split, split_format)
-    eval_split = load_split(split_root, split, split_format)
-    eval_split.check_n_way(n_way)
-    eval_split.check_class_sizes(max(shot_list) + n_query, f"shot {max(shot_list)} + query {n_query}")
-    wants_base = any(name in BASE_MEAN_METHODS for name in method_list)
-    base = None
-    if wants_base:
-        needing = "/".join(n for n in method_list if n in BASE_MEAN_METHODS)
-        if base_split == split:
-            log.warning("--base-split %r is the evaluated split: %s will use L2N instead of CL2N (no base mean)",
-                        base_split, needing)
-        elif base_split in available_splits(split_root, split_format):
-            base = load_split(split_root, base_split, split_format)
-        else:
-            log.warning("no %r split under %s: %s will use L2N instead of CL2N (no base mean)", base_split, split_root,
-                        needing)
-
-    from simret.commands.options import build_encoder
-    from simret.fewshot.features import bank_settings, feature_bank
-
+    settings = FewShotSettings(split=split, base_split=base_split, split_format=split_format, n_way=n_way,
+                               shots=tuple(shot_list), n_query=n_query, n_episodes=n_episodes,
+                               methods=tuple(method_list), seed=seed, image_size=img_size, crop_pct=crop_pct,
+                               features_dir=features_dir, batch_size=batch_size, workers=workers)
+    splits = load_splits(split_root, settings)  # a missing or malformed split fails before any model is built
     encoder, device = build_encoder(model_spec, ctx)
-    settings = bank_settings(encoder, img_size, crop_pct)
-    directory = features_dir if features_dir is not None else _default_features_dir(split_root, split_format,
-                                                                                       encoder.fingerprint, settings)
-    options = {"image_size": settings["image_size"], "crop_pct": settings["crop_pct"], "batch_size": batch_size,
-               "workers": workers, "device": device}
-    bank = feature_bank(encoder, eval_split, directory, **options)
-    base_mean = feature_bank(encoder, base, directory, **options).mean() if base is not None else None
-
-    import warnings
-
-    from simret.fewshot.episodes import sample_episodes
-    from simret.fewshot.evaluate import evaluate
-    from simret.fewshot.methods import MissingBaseMeanWarning, get_method
-
-    results = []
-    table: Dict[str, Dict[int, str]] = {name: {} for name in method_list}
-    for shot in shot_list:
-        episodes = sample_episodes(bank.labels, n_way, shot, n_query, n_episodes, seed, class_names=bank.classes)
-        for name in method_list:
-            kwargs = {"base_mean": base_mean} if name in BASE_MEAN_METHODS and base_mean is not None else {}
-            with warnings.catch_warnings():
-                if base is None:  # already said once above
-                    warnings.simplefilter("ignore", MissingBaseMeanWarning)
-                method = get_method(name, **kwargs)
-            log.debug("%d-shot: %s", shot, method.describe())
-            result = evaluate(bank.features, episodes, method, progress=f"{name} {shot}-shot")
-            results.append({**result.to_dict(), "method": name, "protocol": method.describe()})
-            table[name][shot] = result.format()
-
-    click.echo(f"{split_root} — {describe_split(eval_split)}")
-    weights = encoder.provenance()["weights"]
-    click.echo(f"encoder {encoder.fingerprint} ({'random' if weights == 'random' else weights} weights, "
-               f"{encoder.dim}-d, {settings['image_size']} px)"
-               + (f"; base mean: {base.name} split ({len(base)} images)" if base is not None else ""))
-    click.echo(f"{n_way}-way, {n_query} queries per class, {n_episodes} episodes per shot, seed {seed}; "
-               f"accuracy % ± 95% CI")
-    click.echo("")
-    click.echo(_format_table(method_list, shot_list, table))
+    settings.device = device
+    report = run_fewshot(encoder, split_root, settings, splits=splits)
+    click.echo(report.format())
     if out is not None:
-        from simret.utils.atomic import write_json_atomic
-
-        write_json_atomic(out, {
-            "split_root": str(split_root), "format": eval_split.format, "split": split,
-            "n_classes": eval_split.n_classes, "n_images": len(eval_split),
-            "base_split": base.name if base is not None else None, "encoder": encoder.provenance(), **settings,
-            "n_way": n_way, "n_query": n_query, "n_episodes": n_episodes, "seed": seed,
-            "ci95": "1.96 * std(accuracies, ddof=0) / sqrt(n_episodes); accuracies are fractions",
-            "features": {"directory": str(directory)}, "results": results,
-        })
-        log.info("wrote %s", out)
+        write_json_atomic(out, report.to_json())
+        get_logger("simret.fewshot").info("wrote %s", out)
 
 
 def _int_list(text: str, option: str) -> List[int]:
@@ -171,29 +112,3 @@ def _method_list(text: str) -> List[str]:
         raise click.BadParameter(f"unknown method(s) {', '.join(unknown) if unknown else repr(text)}; known: "
                                  f"{', '.join(list_methods())}", param_hint="--method")
     return list(dict.fromkeys(names))
-
-
-def _resolved_format(root: Path, split: str, split_format: str) -> str:
-    from simret.data.splits import detect_format
-
-    return detect_format(root, split) if split_format == "auto" else split_format
-
-
-def _default_features_dir(root: Path, split_format: str, fingerprint: str, settings: Dict[str, Any]) -> Path:
-    """``<cache>/fewshot/<dataset name>-<hash of its path>/<fingerprint>-<size>px-crop<pct>``."""
-    import hashlib
-
-    from simret.models.checkpoints import cache_dir
-
-    resolved = Path(root).expanduser().resolve()
-    digest = hashlib.blake2b(f"{resolved}|{split_format}".encode(), digest_size=4).hexdigest()
-    crop = f"{settings['crop_pct']:g}".replace(".", "p")
-    return cache_dir() / "fewshot" / f"{resolved.name}-{digest}" / f"{fingerprint}-{settings['image_size']}px-crop{crop}"
-
-
-def _format_table(methods: List[str], shots: List[int], table: Dict[str, Dict[int, str]]) -> str:
-    headers = ["method"] + [f"{shot}-shot" for shot in shots]
-    rows = [[name] + [table[name][shot] for shot in shots] for name in methods]
-    widths = [max(len(row[i]) for row in [headers] + rows) for i in range(len(headers))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [headers] + rows]
-    return "\n".join(lines)

@@ -79,7 +79,7 @@ def index(ctx: click.Context, images: str, out: str, model_spec: Dict[str, Any],
     """
     from simret.commands.options import build_encoder
     from simret.data.images import list_images
-    from simret.retrieval.extract import parse_scales
+    from simret.retrieval.extraction import parse_scales
     from simret.retrieval.indexdir import IndexSettings, build_index, read_meta
     from simret.utils import progress
 

@@ -146,7 +146,7 @@ def _image_queries(ctx: click.Context, index, queries: Sequence[str], box, model
     from simret.commands.index import _spec_from_meta
     from simret.commands.options import build_encoder
     from simret.data.images import list_images
-    from simret.retrieval.extract import extract
+    from simret.retrieval.extraction import extract
     from simret.utils import progress
 
     paths: List[str] = []

@@ -5,17 +5,24 @@
     result = evaluate(features, episodes, "simpleshot", base_mean=train_features.mean(0))
     result.mean, result.ci95, result.accuracies          # fractions; ci95 = 1.96·std/√E (ddof=0)
 
+A whole run on a split (feature banks, the same episodes for every method, a table), as ``simret fewshot``:
+
+    from simret.fewshot import FewShotSettings, run_fewshot
+    report = run_fewshot(encoder, "~/data/miniimagenet", FewShotSettings(shots=(1, 5), image_size=84))
+    print(report.format())
+
 ``import simret.fewshot`` imports NumPy only; torch, scikit-learn, h5py and FAISS load when a method, an
-evaluation or a feature bank needs them. (``evaluate`` is imported eagerly: it shares its name with its module,
-and a lazily bound function could be shadowed by the sub-module.)
+evaluation or a feature bank needs them.
 """
 from __future__ import annotations
 
 from simret.fewshot.episodes import Episodes, sample_episodes
-from simret.fewshot.evaluate import FewShotResult, confidence_interval, evaluate
 from simret.utils.lazy import lazy_exports
 
 _EXPORTS = {
+    "evaluate": "simret.fewshot.evaluation",
+    "FewShotResult": "simret.fewshot.evaluation",
+    "confidence_interval": "simret.fewshot.evaluation",
     "get_method": "simret.fewshot.methods",
     "list_methods": "simret.fewshot.methods",
     "FewShotMethod": "simret.fewshot.methods",
@@ -24,7 +31,10 @@ _EXPORTS = {
     "extract_features": "simret.fewshot.features",
     "feature_bank": "simret.fewshot.features",
     "load_feature_bank": "simret.fewshot.features",
+    "FewShotSettings": "simret.fewshot.experiment",
+    "FewShotReport": "simret.fewshot.experiment",
+    "run_fewshot": "simret.fewshot.experiment",
 }
 
-__all__ = ["Episodes", "sample_episodes", "evaluate", "FewShotResult", "confidence_interval", *_EXPORTS]
+__all__ = ["Episodes", "sample_episodes", *_EXPORTS]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

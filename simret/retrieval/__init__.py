@@ -10,14 +10,12 @@ on first use.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from simret.utils.lazy import lazy_exports
 
 _LAZY = {
-    "iter_extract": "simret.retrieval.extract",
-    "ExtractResult": "simret.retrieval.extract",
+    "extract": "simret.retrieval.extraction",
+    "iter_extract": "simret.retrieval.extraction",
+    "ExtractResult": "simret.retrieval.extraction",
     "Index": "simret.retrieval.index",
     "PCAWhitening": "simret.retrieval.whitening",
     "l2_normalize": "simret.retrieval.whitening",
@@ -32,18 +30,5 @@ _LAZY = {
     "IndexSettings": "simret.retrieval.indexdir",
 }
 
-__all__ = sorted([*_LAZY, "extract"])
-_lazy_getattr, _lazy_dir = lazy_exports(__name__, _LAZY, globals())
-
-
-def __dir__() -> list:
-    return sorted({*_lazy_dir(), "extract"})
-
-
-def __getattr__(name: str) -> Any:
-    if name == "extract":
-        # the submodule simret.retrieval.extract, which is callable as the function extract(): one object under
-        # one name, whichever way it is imported (``from simret.retrieval import extract``, ``import
-        # simret.retrieval.extract as module``, ``module.extract`` …); the import binds it here
-        return importlib.import_module("simret.retrieval.extract")
-    return _lazy_getattr(name)
+__all__ = sorted(_LAZY)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

@@ -158,7 +158,7 @@ def _store_rows(store_path: Path, rows: np.ndarray, whitening: Any) -> np.ndarra
 def learn_whitening(encoder: Any, source: str, settings: EvalSettings):
     """PCA whitening learned on other images (folder / list file) or on a descriptors ``.h5`` file."""
     from simret.data.images import list_images
-    from simret.retrieval.extract import extract
+    from simret.retrieval.extraction import extract
     from simret.retrieval.store import check_fingerprint, read_store
     from simret.retrieval.whitening import PCAWhitening
 
@@ -185,7 +185,7 @@ def learn_whitening(encoder: Any, source: str, settings: EvalSettings):
 def evaluate_encoder(encoder: Any, data_root: Path, dataset_name: str, settings: EvalSettings) -> EvalReport:
     """Evaluate ``encoder`` on a Revisited dataset; see the module docstring."""
     from simret.data.revisited import load_distractors, load_revisited
-    from simret.retrieval.extract import extract
+    from simret.retrieval.extraction import extract
     from simret.retrieval.metrics import evaluate_revisited
     from simret.retrieval.rerank import alpha_qe, dba
 

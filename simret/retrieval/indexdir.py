@@ -247,7 +247,7 @@ def learn_whitening(descriptors: np.ndarray, settings: IndexSettings, encoder: A
         except ValueError as err:
             raise ValueError(f"--whiten-on {source}: {err}") from None
     from simret.data.images import list_images
-    from simret.retrieval.extract import extract
+    from simret.retrieval.extraction import extract
 
     root, ids = list_images(source)
     log.info("learning whitening on %d images from %s", len(ids), source)
@@ -283,7 +283,7 @@ def build_index(source: Union[PathLike, Tuple[Path, List[str]]], out: PathLike, 
             image could be used.
     """
     from simret.data.images import list_images
-    from simret.retrieval.extract import iter_extract
+    from simret.retrieval.extraction import iter_extract
 
     settings = settings or IndexSettings()
     out = Path(out).expanduser()

@@ -54,7 +54,7 @@ def evaluate(dataset: str, data_root: Path, model_spec: Dict[str, Any], scales: 
     """
     from simret.commands.options import build_encoder
     from simret.retrieval.evaluation import EvalSettings, evaluate_encoder
-    from simret.retrieval.extract import parse_scales
+    from simret.retrieval.extraction import parse_scales
     from simret.retrieval.metrics import format_revisited_table
     from simret.utils.atomic import write_json_atomic
 

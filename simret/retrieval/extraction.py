@@ -12,10 +12,7 @@ rank its own shard of ids and gather the results.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
-import sys
-import types
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -275,15 +272,3 @@ def _model_error(err: BaseException, size: Tuple[int, int]) -> str:
         raise err
     return f"the model cannot process this image at {size[1]}x{size[0]} pixels ({message[:160]})"
 
-
-class _CallableModule(types.ModuleType):
-    """``simret.retrieval.extract`` is both this module and, called, the function ``extract`` (the package
-    attribute is always the module: ``import simret.retrieval.extract`` binds it there anyway). Calling it
-    looks ``extract`` up in the module, so patching ``module.extract`` patches the call too."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> ExtractResult:
-        return self.extract(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
-sys.modules[__name__].__signature__ = inspect.signature(extract)  # help() / inspect show the function's
