@@ -65,9 +65,12 @@ class LazyGroup(click.Group):
 
 
 def _user_errors() -> tuple:
-    """Exceptions that report bad input (a message is enough; ``-v`` shows the traceback)."""
+    """Exceptions that report bad input or a condition to fix (a message is enough; ``-v`` shows the traceback):
+    also a writer lock held too long (``TimeoutError``) and a failed write (``DiskWriteError``: disk full …)."""
+    from simret.utils.atomic import DiskWriteError
+
     return (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-            PermissionError, KeyError, MemoryError)
+            PermissionError, KeyError, MemoryError, TimeoutError, DiskWriteError)
 
 
 USER_ERRORS = _user_errors()
@@ -117,12 +120,25 @@ def cli(ctx: click.Context, verbose: int, quiet: int, device: str) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """Console entry point: user errors end with a one-line message and exit status 1 (2 for usage)."""
+    """Console entry point: user errors end with a one-line message and exit status 1 (2 for usage);
+    Ctrl-C and SIGTERM stop the command the same way (what was computed is kept for the next run), with
+    exit status 130 and 143."""
+    from simret.utils.signals import exit_status, terminate_like_interrupt
+
+    terminate_like_interrupt()
     try:
-        cli.main(args=argv, prog_name="simret", standalone_mode=True)
-    except KeyboardInterrupt:  # pragma: no cover - interactive
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+        code = cli.main(args=argv, prog_name="simret", standalone_mode=False)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt) as err:  # click turns Ctrl-C (and SIGTERM) into Abort
+        cause = err if isinstance(err, KeyboardInterrupt) else err.__cause__
+        if not isinstance(cause, KeyboardInterrupt):
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        click.echo("terminated" if exit_status(cause) == 143 else "interrupted", err=True)
+        sys.exit(exit_status(cause))
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,6 +1,8 @@
 """`simret index` / `simret search` end to end on tiny real photographs plus broken files: ranking, resume,
 append, interrupted writes, fingerprint checks, output formats, FAISS vs numpy brute force."""
+import errno
 import json
+import os
 import shutil
 import warnings
 
@@ -64,7 +66,14 @@ def jsonl(result):
 def test_index_writes_the_documented_files(built, photos):
     out, result = built
     assert "indexed 36 images" in result.stdout and "2 skipped" in result.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["descriptors.h5", "index.faiss", "meta.json", "skipped.tsv"]
+    public = ["descriptors.h5", "index.faiss", "meta.json", "skipped.tsv"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
+        public + ["current", "generations"])
+    generation = json.loads((out / "meta.json").read_text())["generation"]
+    assert (out / "current").resolve() == (out / "generations" / generation).resolve()
+    assert sorted(p.name for p in (out / "current").iterdir()) == public
+    assert all((out / name).is_symlink() and (out / name).resolve() == (out / "current" / name).resolve()
+               for name in public)
     skipped = (out / "skipped.tsv").read_text().splitlines()
     assert skipped[0] == "id\treason"
     reasons = dict(line.split("\t") for line in skipped[1:])
@@ -301,6 +310,11 @@ def test_append_adds_new_images_to_the_existing_index(photos, tmp_path):
     assert line["ids"] == [new_id]
 
 
+def committed_files(out):
+    """The bytes of every public file of the committed generation, and which generation it is."""
+    return {p.name: p.read_bytes() for p in (out / "current").iterdir()}, os.readlink(out / "current")
+
+
 def test_failed_write_leaves_the_previous_index_intact(photos, tmp_path, monkeypatch):
     from simret.retrieval.index import Index
 
@@ -308,7 +322,7 @@ def test_failed_write_leaves_the_previous_index_intact(photos, tmp_path, monkeyp
     subset = tmp_path / "list.txt"
     subset.write_text("\n".join(str(p) for p in sorted(photos.glob("chelsea*.jpg"))) + "\n")
     build_index(subset, out, fresh_encoder(), IndexSettings(**SETTINGS), progress=False)
-    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    files = committed_files(out)
     query = photos / "chelsea_easy_1.jpg"
     before = run("search", out, query, "--format", "jsonl").stdout
 
@@ -317,28 +331,31 @@ def test_failed_write_leaves_the_previous_index_intact(photos, tmp_path, monkeyp
     with pytest.raises(Interrupt):  # interrupted during extraction
         build_index(photos, out, encoder, IndexSettings(**SETTINGS), progress=False, append=True)
     assert seen["images"] > 0
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != PARTIAL} == files  # nothing replaced
+    assert committed_files(out) == files  # nothing replaced
     assert run("search", out, query, "--format", "jsonl").stdout == before
 
     def failing_save(self, path):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Index, "save", failing_save)
-    with pytest.raises(OSError, match="disk full"):  # failing while the new files are written
+    with pytest.raises(OSError, match="No space left on device.*previous index in .* is intact"):
         build_index(photos, out, fresh_encoder(), IndexSettings(**SETTINGS), progress=False, append=True)
     monkeypatch.undo()
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != PARTIAL} == files
-    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert committed_files(out) == files
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]  # the unfinished generation is gone
+    assert sorted(p.name for p in (out / "generations").iterdir()) == [files[1].split("/")[-1]]
     assert run("search", out, query, "--format", "jsonl").stdout == before
 
 
 def test_inconsistent_directory_is_detected(built, tmp_path):
     out, _ = built
     copy = tmp_path / "copy"
-    shutil.copytree(out, copy)
-    meta = json.loads((copy / "meta.json").read_text())
-    meta["generation"] = "0" * 32
-    (copy / "meta.json").write_text(json.dumps(meta))
+    shutil.copytree(out, copy, symlinks=True)
+    meta_path = copy / "current" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["store_generation"] = "0" * 32
+    meta_path.unlink()
+    meta_path.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="different runs"):
         IndexDir(copy)
 
@@ -372,29 +389,38 @@ def test_whitening_ivfpq_and_hnsw_indexes(photos, tmp_path, encoder):
     assert not np.allclose(coarse["scores"], line["scores"], atol=1e-4)  # compressed-code scores
 
 
-def test_ctrl_c_while_the_files_are_renamed_still_commits_them_all(photos, tmp_path, monkeypatch):
-    import os
+def test_ctrl_c_at_the_commit_gives_the_old_or_the_new_generation_whole(photos, tmp_path, monkeypatch):
     import signal
 
     out = tmp_path / "idx"
     subset = tmp_path / "list.txt"
     subset.write_text("\n".join(str(p) for p in sorted(photos.glob("rocket*.jpg"))) + "\n")
     build_index(subset, out, fresh_encoder(), IndexSettings(**SETTINGS), progress=False)
-    renames = []
-    replace = os.replace
+    old = committed_files(out)
+    replace, rename = os.replace, os.rename
 
-    def interrupted_replace(source, target):
-        replace(source, target)
-        name = os.path.basename(target)  # not the checkpoints under .partial/, nor into temporary names
-        if os.path.dirname(os.fspath(target)) == os.fspath(out) and not name.startswith("."):
-            renames.append(name)
-            if len(renames) == 1:  # Ctrl-C right after descriptors.h5 is in place, before meta.json is
+    def interrupted(operation, when):
+        def run_then_interrupt(source, target):
+            operation(source, target)
+            if when(os.fspath(target)):
                 signal.raise_signal(signal.SIGINT)
+        return run_then_interrupt
 
-    monkeypatch.setattr(os, "replace", interrupted_replace)
+    # Ctrl-C right after the new generation's folder is in place, before `current` points to it: the old one
+    monkeypatch.setattr(os, "rename", interrupted(rename, lambda target: "/generations/" in target))
     with pytest.raises(KeyboardInterrupt):
         build_index(photos, out, fresh_encoder(), IndexSettings(**SETTINGS), progress=False, append=True)
     monkeypatch.undo()
-    assert renames[0] == "descriptors.h5" and renames[-1] == "meta.json"
-    index_dir = IndexDir(out)  # one consistent generation: the new one
-    assert len(index_dir.ids) == index_dir.index.ntotal == 36
+    assert committed_files(out) == old and len(IndexDir(out).ids) == 6
+
+    # Ctrl-C while `current` is replaced: held until the public names are linked too, then the new one, whole
+    monkeypatch.setattr(os, "replace", interrupted(replace, lambda target: target.endswith("/current")))
+    with pytest.raises(KeyboardInterrupt):
+        build_index(photos, out, fresh_encoder(), IndexSettings(**SETTINGS), progress=False, append=True)
+    monkeypatch.undo()
+    index_dir = IndexDir(out)
+    assert len(index_dir.ids) == index_dir.index.ntotal == 36 and committed_files(out)[1] != old[1]
+    assert all((out / name).resolve().parent == (out / "current").resolve() for name in old[0])
+    assert len(list((out / "generations").iterdir())) == 2  # the orphan of the first attempt, until the next write
+    build_index(photos, out, fresh_encoder(), IndexSettings(**SETTINGS), progress=False, append=True)
+    assert len(list((out / "generations").iterdir())) == 1

@@ -6,6 +6,7 @@ import pytest
 from simret.retrieval import Index, PCAWhitening, alpha_qe, dba
 from simret.retrieval.index import as_matrix, auto_kind, auto_params, blas_for_small_batches
 from simret.retrieval.store import (
+    RowAccess,
     StoreError,
     append_store,
     open_descriptors,
@@ -210,7 +211,8 @@ def test_store_float16_append_memmap_and_fingerprint_check(tmp_path):
     assert store.ids == ["a", "b", "c", "d"] and store.descriptors.dtype == np.float32
     np.testing.assert_allclose(store.descriptors, x, atol=1e-3)
     mapped = open_descriptors(path)
-    assert isinstance(mapped, np.memmap) and mapped.dtype == np.float16 and mapped.shape == (4, 6)
+    assert isinstance(mapped, RowAccess) and mapped.dtype == np.float16 and mapped.shape == (4, 6)
+    assert mapped._map is not None  # rows come straight from a memory map of the file
     np.testing.assert_array_equal(np.asarray(mapped[[3, 1]], np.float32), store.descriptors[[3, 1]])
     assert read_attrs(path)["fingerprint"] == provenance()["fingerprint"]  # attributes survive the append
     with pytest.raises(StoreError, match="cannot be mixed"):

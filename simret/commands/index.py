@@ -5,7 +5,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import click
 
-from simret.commands.options import check_max_size, model_options
+from simret.commands.options import check_max_size, lock_timeout_option, model_options
 
 INDEX_KINDS = ["auto", "flat", "ivfpq", "hnsw", "none"]
 
@@ -48,22 +48,33 @@ def _index_params(pairs: Tuple[str, ...]) -> Dict[str, int]:
 @click.option("-b", "--batch-size", type=int, default=16, show_default=True, help="Images per forward pass.")
 @click.option("-j", "--workers", type=int, default=None,
               help="Image-loading worker processes (default: up to 8 beside a GPU; on a CPU, none on ≤ 2 cores).")
-@click.option("--append", is_flag=True, help="Add the images to the existing index (same whitening, no retraining).")
-@click.option("--overwrite", is_flag=True, help="Replace an index built with another model or settings.")
+@click.option("--append", is_flag=True,
+              help="Add the images to the existing index (same whitening, no retraining); images of it that "
+                   "changed are described again, none is removed.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the index in OUT (another model, settings or source) with one of IMAGES only.")
+@click.option("--keep-missing", is_flag=True,
+              help="Keep indexed images that are no longer listed under the root (they leave the index otherwise).")
+@click.option("--verify-content", is_flag=True,
+              help="Also compare file contents (SHA-256), not only sizes and modification times, to find images "
+                   "replaced in place; the digests are stored.")
+@lock_timeout_option
 @click.option("--checkpoint-every", type=int, default=2048, show_default=True,
               help="Save finished descriptors every N images, so an interrupted run resumes there.")
 @click.pass_context
 def index(ctx: click.Context, images: str, out: str, model_spec: Dict[str, Any], scales: str, max_size: int,
           kind: str, index_params: Tuple[str, ...], whiten: str, whiten_on: Optional[str], whiten_dim: Optional[int],
-          half: bool, batch_size: int, workers: Optional[int], append: bool, overwrite: bool,
-          checkpoint_every: int) -> None:
+          half: bool, batch_size: int, workers: Optional[int], append: bool, overwrite: bool, keep_missing: bool,
+          verify_content: bool, lock_timeout: Optional[float], checkpoint_every: int) -> None:
     """Index IMAGES (a folder, searched recursively, or a text file with one path per line) into OUT.
 
     \b
-    OUT gets descriptors.h5 (descriptors + ids), index.faiss, meta.json, skipped.tsv (files that could
-    not be read, and why) and, with --whiten pca, whitening.npz. Every file is written to a temporary
-    name and renamed, so an interrupted run leaves the previous index usable; run the same command
-    again and it resumes (images already described are not recomputed).
+    OUT gets descriptors.h5 (descriptors + ids + file sizes and times), index.faiss, meta.json,
+    skipped.tsv (files that could not be read, and why) and, with --whiten pca, whitening.npz: one
+    generation, committed at once (readers see the previous one until then). Run the same command
+    again and it brings the index up to date: new and changed images are described, unchanged ones
+    reused, images no longer under the root removed (--keep-missing keeps them); an interrupted run
+    (Ctrl-C, SIGTERM, a crash) resumes where it stopped. One writer at a time: a second one waits.
 
     \b
     Examples:
@@ -80,7 +91,7 @@ def index(ctx: click.Context, images: str, out: str, model_spec: Dict[str, Any],
     from simret.commands.options import build_encoder
     from simret.data.images import list_images
     from simret.retrieval.extraction import parse_scales
-    from simret.retrieval.indexdir import IndexSettings, build_index, read_meta
+    from simret.retrieval.indexdir import IndexSettings, build_index
     from simret.utils import progress
 
     if batch_size < 1:
@@ -94,7 +105,7 @@ def index(ctx: click.Context, images: str, out: str, model_spec: Dict[str, Any],
     if append and overwrite:
         raise click.UsageError("--append and --overwrite exclude each other")
     if append:
-        meta = read_meta(out)
+        meta = _readable_meta(out)
         if meta is not None:  # options left at their defaults follow the index
             model_spec = _spec_from_meta(ctx, model_spec, meta)
             if _is_default(ctx, "scales"):
@@ -106,7 +117,8 @@ def index(ctx: click.Context, images: str, out: str, model_spec: Dict[str, Any],
     settings = IndexSettings(scales=parse_scales(scales), max_size=max_size or None, kind=kind,
                              index_params=_index_params(index_params), whiten=whiten, whiten_on=whiten_on,
                              whiten_dim=whiten_dim, half=half, batch_size=batch_size, workers=workers,
-                             checkpoint_every=checkpoint_every)
+                             checkpoint_every=checkpoint_every, keep_missing=keep_missing,
+                             verify_content=verify_content, lock_timeout=lock_timeout)
     from simret.utils.distributed import barrier, distributed_session, quiet_unless_main
 
     listing = list_images(images)  # an empty or wrong folder fails before any model is built
@@ -132,8 +144,16 @@ def _is_default(ctx: click.Context, name: str) -> bool:
 
 def _spec_from_meta(ctx: click.Context, model_spec: Dict[str, Any], meta: Dict[str, Any]) -> Dict[str, Any]:
     """Model options left at their defaults take the index's values (so --append needs no model flags)."""
-    spec = dict(model_spec)
-    for key in ("arch", "pool", "gamma", "weights", "checkpoint_key"):
-        if _is_default(ctx, key) and key in meta.get("model", {}):
-            spec[key] = meta["model"][key]
-    return spec
+    from simret.retrieval.indexdir import spec_from_meta
+
+    return spec_from_meta(model_spec, meta, lambda key: not _is_default(ctx, key))
+
+
+def _readable_meta(out: str) -> Optional[Dict[str, Any]]:
+    """The index's meta.json, or None when there is none or it is damaged (the build repairs it)."""
+    from simret.retrieval.indexdir import IndexDamagedError, read_meta
+
+    try:
+        return read_meta(out)
+    except IndexDamagedError:
+        return None

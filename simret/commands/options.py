@@ -84,3 +84,10 @@ def build_encoder(model_spec: Dict[str, Any], ctx: Optional[click.Context] = Non
                              weights=weights, checkpoint_key=model_spec.get("checkpoint_key"))
     return encoder.to(device), device
 
+
+
+def lock_timeout_option(command: Callable) -> Callable:
+    """``--lock-timeout SECONDS`` for commands that write a directory (one writer at a time)."""
+    return click.option("--lock-timeout", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+                        help="How long to wait while another simret process writes the same output (default: as "
+                             "long as it takes; 0: fail at once).")(command)

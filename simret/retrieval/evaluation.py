@@ -8,6 +8,7 @@ from the HDF5 store), and evaluates every configuration asked for — plain, +α
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -40,6 +41,7 @@ class EvalSettings:
     whiten_on: Optional[str] = None  # images (folder / list) or a descriptors .h5 to learn PCA whitening on
     cache_dir: Optional[Path] = None
     kappas: Tuple[int, ...] = (1, 5, 10)
+    lock_timeout: Optional[float] = None  # seconds to wait for another writer of the cache (None: as long as it takes)
 
 
 @dataclass
@@ -66,56 +68,60 @@ def default_cache_dir() -> Path:
 
 
 def cached_descriptors(encoder: Any, paths: Sequence[Path], cache: Path, settings: EvalSettings, *,
-                       what: str, allow_failures: bool) -> Tuple[Path, List[int]]:
-    """Describe ``paths`` into the index directory ``cache`` (reused and resumed by later runs).
+                       what: str, allow_failures: bool) -> Tuple[Any, List[int]]:
+    """Describe ``paths`` into the index directory ``cache`` (reused and resumed by later runs; images that
+    changed since are described again; damaged files are repaired).
 
     Returns:
-        ``(store path, order)``: row ``order[i]`` of the store is ``paths[i]`` (failed paths are absent
-        and only allowed with ``allow_failures``).
+        ``(store, order)``: an open ``StoreReader`` of the cached descriptors (close it when done) whose row
+        ``order[i]`` is ``paths[i]`` (failed paths are absent and only allowed with ``allow_failures``).
 
     Raises:
         ValueError: some images could not be read and ``allow_failures`` is False (they are named).
     """
-    from simret.retrieval.indexdir import STORE, STORE_ONLY, IndexSettings, build_index, path_key, read_meta
-    from simret.retrieval.store import read_attrs
+    from simret.retrieval.indexdir import (
+        STORE,
+        STORE_ONLY,
+        IndexDamagedError,
+        IndexSettings,
+        build_index,
+        current,
+        path_key,
+        read_meta,
+    )
+    from simret.retrieval.store import StoreReader
+    from simret.utils.atomic import write_text_atomic
 
-    cache.mkdir(parents=True, exist_ok=True)
-    damaged = False
-    try:  # a damaged cache (eval has no --overwrite) is described again, checkpoints of a stopped run kept
-        if read_meta(cache / "index") is not None and (cache / "index" / STORE).is_file():
-            read_attrs(cache / "index" / STORE)
+    foreign = False
+    try:  # something that is no simret index (eval has no --overwrite): replaced; damage is repaired by the build
+        read_meta(cache / "index")
+    except IndexDamagedError:
+        pass
     except ValueError as err:
-        log.warning("%s: the cached descriptors are damaged (%s); describing the images again", what, err)
-        damaged = True
+        log.warning("%s: the cache holds no usable index (%s); describing the images again", what, err)
+        foreign = True
     listing = cache / "images.txt"
     resolved = [str(Path(p).resolve()) for p in paths]
     text = "".join(f"{p}\n" for p in resolved)
     if not listing.is_file() or listing.read_text() != text:
-        listing.write_text(text)
+        write_text_atomic(listing, text)
     index_settings = IndexSettings(scales=tuple(settings.scales), max_size=settings.max_size, kind=STORE_ONLY,
-                                   half=settings.half, batch_size=settings.batch_size, workers=settings.workers)
-    summary = build_index(listing, cache / "index", encoder, index_settings, overwrite=damaged, progress=True)
+                                   half=settings.half, batch_size=settings.batch_size, workers=settings.workers,
+                                   lock_timeout=settings.lock_timeout)
+    summary = build_index(listing, cache / "index", encoder, index_settings, overwrite=foreign, progress=True)
     log.info("%s: %s", what, summary.line())
     if summary.failures and not allow_failures:
         shown = "; ".join(f"{i}: {reason}" for i, reason in summary.failures[:5])
         raise ValueError(f"{len(summary.failures)} {what} image(s) could not be read ({shown}); the protocol needs "
                          f"every one of them")
-    root = listing.parent
-    stored_ids = _store_ids(cache / "index" / "descriptors.h5")
-    position = {path_key(root, image_id): row for row, image_id in enumerate(stored_ids)}
+    store = StoreReader(current(cache / "index").file(STORE))  # held open: a later commit changes nothing for it
+    position = {path_key(listing.parent, image_id): row for row, image_id in enumerate(store.ids)}
     order = [position.get(p, -1) for p in resolved]
     missing = [str(p) for p, row in zip(paths, order) if row < 0]
     if missing and not allow_failures:
+        store.close()
         raise ValueError(f"{len(missing)} {what} image(s) have no descriptor, e.g. {missing[0]}")
-    return cache / "index" / "descriptors.h5", [row for row in order if row >= 0]
-
-
-def _store_ids(store_path: Path) -> List[str]:
-    """The ``ids`` of a descriptor store, without reading its descriptors (8 GB for R1M at 2048-d)."""
-    import h5py
-
-    with h5py.File(store_path, "r") as handle:
-        return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in handle["ids"][()]]
+    return store, [row for row in order if row >= 0]
 
 
 def _settings_key(encoder: Any, settings: EvalSettings) -> str:
@@ -124,75 +130,61 @@ def _settings_key(encoder: Any, settings: EvalSettings) -> str:
     return f"{encoder.fingerprint}-{hashlib.blake2b(key.encode(), digest_size=4).hexdigest()}"
 
 
-def _load_rows(store_path: Path, rows: Sequence[int]) -> np.ndarray:
-    from simret.retrieval.store import read_store
-
-    return read_store(store_path, rows=list(rows)).descriptors
-
-
 def _whiten(vectors: np.ndarray, whitening: Any) -> np.ndarray:
     from simret.retrieval.whitening import l2_normalize
 
     return vectors if whitening is None else l2_normalize(whitening.apply(vectors))
 
 
-def _chunked_scores(store_path: Path, queries: np.ndarray, whitening: Any, chunk: int = 65536) -> np.ndarray:
-    """``(N, Q)`` similarities of every row of a store to the queries, read in chunks of rows."""
-    import h5py
-
-    with h5py.File(store_path, "r") as handle:
-        table = handle["descriptors"]
-        scores = np.empty((table.shape[0], queries.shape[0]), np.float32)
-        for start in range(0, table.shape[0], chunk):
-            block = np.asarray(table[start:start + chunk], dtype=np.float32)
-            scores[start:start + len(block)] = _whiten(block, whitening) @ queries.T
+def _chunked_scores(store: Any, queries: np.ndarray, whitening: Any) -> np.ndarray:
+    """``(N, Q)`` similarities of every row of an open store to the queries, read block by block."""
+    scores = np.empty((store.count, queries.shape[0]), np.float32)
+    for start, block in store.blocks():
+        scores[start:start + len(block)] = _whiten(block, whitening) @ queries.T
     return scores
 
 
-def _store_rows(store_path: Path, rows: np.ndarray, whitening: Any) -> np.ndarray:
-    """Rows of a store (any order, repeats allowed), whitened if asked."""
-    unique, inverse = np.unique(rows, return_inverse=True)
-    return _whiten(_load_rows(store_path, unique.tolist()), whitening)[inverse]
+def _store_rows(store: Any, rows: np.ndarray, whitening: Any) -> np.ndarray:
+    """Rows of an open store (any order, repeats allowed), whitened if asked."""
+    return _whiten(store.rows(np.asarray(rows, dtype=np.int64)), whitening)
 
 
-def learn_whitening(encoder: Any, source: str, settings: EvalSettings):
-    """PCA whitening learned on other images (folder / list file) or on a descriptors ``.h5`` file."""
-    from simret.data.images import list_images
-    from simret.retrieval.extraction import extract
-    from simret.retrieval.store import check_fingerprint, read_store
-    from simret.retrieval.whitening import PCAWhitening
+@dataclass
+class _Described:
+    """Everything the scoring needs: whitened database and query descriptors, the distractors' open store."""
 
-    if str(source).endswith(".h5"):
-        store = read_store(source)
-        check_fingerprint(store.fingerprint, encoder.fingerprint, what=f"descriptors in {source}",
-                          where="this evaluation's encoder")
-        if store.descriptors.ndim == 2 and store.descriptors.shape[1] != encoder.dim:
-            raise ValueError(f"--whiten-on {source} holds {store.descriptors.shape[1]}-d descriptors, this encoder "
-                             f"gives {encoder.dim}-d ones")
-        try:
-            return PCAWhitening.learn(store.descriptors)
-        except ValueError as err:
-            raise ValueError(f"--whiten-on {source}: {err}") from None
-    root, ids = list_images(source)
-    result = extract(encoder, root, ids, scales=settings.scales, max_size=settings.max_size,
-                     batch_size=settings.batch_size, workers=settings.workers, half=settings.half)
-    if len(result.ids) < 2:
-        raise ValueError(f"--whiten-on {source}: whitening needs at least two readable images, "
-                         f"{len(result.ids)} of {len(ids)} could be used")
-    return PCAWhitening.learn(result.descriptors)
+    database: np.ndarray  # (n_db, D') whitened
+    queries: np.ndarray  # (Q, D') whitened
+    whitening: Any
+    distractors: Any = None  # an open StoreReader, or None
+    distractor_rows: List[int] = field(default_factory=list)
+    distractor_name: str = ""
 
 
 def evaluate_encoder(encoder: Any, data_root: Path, dataset_name: str, settings: EvalSettings) -> EvalReport:
     """Evaluate ``encoder`` on a Revisited dataset; see the module docstring."""
     from simret.data.revisited import load_distractors, load_revisited
-    from simret.retrieval.extraction import extract
-    from simret.retrieval.metrics import evaluate_revisited
-    from simret.retrieval.rerank import alpha_qe, dba
 
     timings: Dict[str, float] = {}
     started = time.monotonic()
     dataset = load_revisited(data_root, dataset_name)
     distractors = load_distractors(data_root, settings.distractors) if settings.distractors else None
+    _check_neighbours(dataset, distractors, settings)
+    cache_root = Path(settings.cache_dir or default_cache_dir()).expanduser()
+    with contextlib.ExitStack() as stack:
+        described = _describe(encoder, dataset, distractors, settings, cache_root, stack, timings)
+        mark = time.monotonic()
+        results = _score_configurations(dataset, described, settings)
+        timings["evaluate"] = time.monotonic() - mark
+    timings["total"] = time.monotonic() - started
+    counts = {"database": len(dataset.imlist), "queries": len(dataset.qimlist),
+              "distractors": len(described.distractor_rows)}
+    settings_record = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()}
+    settings_record["cache_dir"] = str(cache_root)
+    return EvalReport(dataset.name, results, counts, encoder.provenance(), settings_record, timings)
+
+
+def _check_neighbours(dataset: Any, distractors: Any, settings: EvalSettings) -> None:
     n_db, n_dis = len(dataset.imlist), len(distractors.ids) if distractors is not None else 0
     if settings.qe > n_db:
         raise ValueError(f"--qe {settings.qe} asks for more neighbours than the {n_db} images of {dataset.name}")
@@ -202,16 +194,25 @@ def evaluate_encoder(encoder: Any, data_root: Path, dataset_name: str, settings:
     if settings.dba and n_db + n_dis > DBA_LIMIT:
         raise ValueError(f"--dba needs an exact all-pairs search over {n_db + n_dis:,} descriptors; it is supported "
                          f"up to {DBA_LIMIT:,} (use --qe with distractors)")
-    cache_root = Path(settings.cache_dir or default_cache_dir()).expanduser()
-    key = _settings_key(encoder, settings)
 
-    # descriptors -----------------------------------------------------------------------------------
+
+def _describe(encoder: Any, dataset: Any, distractors: Any, settings: EvalSettings, cache_root: Path,
+              stack: contextlib.ExitStack, timings: Dict[str, float]) -> _Described:
+    """Database (cached), whitening, queries (cropped to their boxes) and distractors (cached)."""
+    from simret.retrieval.extraction import extract
+    from simret.retrieval.whitening import learn_whitening_on
+
+    key = _settings_key(encoder, settings)
+    mark = time.monotonic()
     db_store, db_rows = cached_descriptors(
-        encoder, [dataset.image_path(i) for i in range(n_db)], cache_root / dataset.name / key, settings,
-        what=f"{dataset.name} database", allow_failures=False)
-    timings["database"] = time.monotonic() - started
-    whitening = learn_whitening(encoder, settings.whiten_on, settings) if settings.whiten_on else None
-    database = _whiten(_load_rows(db_store, db_rows), whitening)
+        encoder, [dataset.image_path(i) for i in range(len(dataset.imlist))], cache_root / dataset.name / key,
+        settings, what=f"{dataset.name} database", allow_failures=False)
+    stack.callback(db_store.close)
+    timings["database"] = time.monotonic() - mark
+    whitening = learn_whitening_on(settings.whiten_on, encoder, scales=settings.scales, max_size=settings.max_size,
+                                   batch_size=settings.batch_size, workers=settings.workers,
+                                   half=settings.half) if settings.whiten_on else None
+    database = _whiten(db_store.rows(db_rows), whitening)
     mark = time.monotonic()
     query_result = extract(encoder, dataset.image_dir, dataset.query_ids, boxes=dataset.query_boxes,
                            scales=settings.scales, max_size=settings.max_size, batch_size=settings.batch_size,
@@ -219,35 +220,44 @@ def evaluate_encoder(encoder: Any, data_root: Path, dataset_name: str, settings:
     if query_result.failures:
         shown = "; ".join(f"{i}: {r}" for i, r in query_result.failures[:5])
         raise ValueError(f"{len(query_result.failures)} query image(s) could not be used: {shown}")
-    queries = _whiten(query_result.descriptors, whitening)
+    described = _Described(database, _whiten(query_result.descriptors, whitening), whitening)
     timings["queries"] = time.monotonic() - mark
-    dis_store = None
-    dis_rows: List[int] = []
     if distractors is not None:
         mark = time.monotonic()
-        dis_store, dis_rows = cached_descriptors(
-            encoder, [distractors.image_path(i) for i in range(n_dis)],
-            cache_root / distractors.name / key, settings, what=f"{distractors.name} distractor",
-            allow_failures=True)
+        n_dis = len(distractors.ids)
+        described.distractors, described.distractor_rows = cached_descriptors(
+            encoder, [distractors.image_path(i) for i in range(n_dis)], cache_root / distractors.name / key, settings,
+            what=f"{distractors.name} distractor", allow_failures=True)
+        stack.callback(described.distractors.close)
+        described.distractor_name = distractors.name
         timings["distractors"] = time.monotonic() - mark
-        if len(dis_rows) < n_dis:
-            log.warning("%d of %d distractors could not be read and are left out", n_dis - len(dis_rows), n_dis)
+        if len(described.distractor_rows) < n_dis:
+            log.warning("%d of %d distractors could not be read and are left out", n_dis - len(described.distractor_rows),
+                        n_dis)
+    return described
 
-    # scoring and re-ranking ------------------------------------------------------------------------------
-    mark = time.monotonic()
+
+def _score_configurations(dataset: Any, described: _Described, settings: EvalSettings
+                          ) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """Every configuration asked for: plain (+R1M), then with αDBA; each also with αQE."""
+    from simret.retrieval.metrics import evaluate_revisited
+    from simret.retrieval.rerank import alpha_qe, dba
+
+    n_db, queries, whitening = len(dataset.imlist), described.queries, described.whitening
+    dis_store, dis_rows = described.distractors, described.distractor_rows
     results: Dict[str, Dict[str, Dict[str, float]]] = {}
     configurations: List[Tuple[str, bool]] = [(dataset.name, False)]
     if dis_store is not None:
-        configurations.append((f"{dataset.name}+{_short(distractors.name)}", True))
+        configurations.append((f"{dataset.name}+{_short(described.distractor_name)}", True))
     for name, with_distractors in configurations:
         for augment in (False, True) if settings.dba else (False,):  # plain first, then with αDBA
-            db_vectors, dis_vectors = database, None
+            db_vectors, dis_vectors = described.database, None
             if augment and with_distractors:
-                everything = np.concatenate([database, _store_rows(dis_store, np.asarray(dis_rows), whitening)])
+                everything = np.concatenate([db_vectors, _store_rows(dis_store, np.asarray(dis_rows), whitening)])
                 augmented = dba(everything, settings.dba, settings.alpha)
                 db_vectors, dis_vectors = augmented[:n_db], augmented[n_db:]
             elif augment:
-                db_vectors = dba(database, settings.dba, settings.alpha)
+                db_vectors = dba(db_vectors, settings.dba, settings.alpha)
             dis_source = dis_store if with_distractors else None
             scores = _scores(db_vectors, queries, dis_source, dis_rows, whitening, dis_vectors)
             base = name + (f"+αDBA{settings.dba}" if augment else "")
@@ -259,12 +269,7 @@ def evaluate_encoder(encoder: Any, data_root: Path, dataset_name: str, settings:
                 expanded = alpha_qe(queries, neighbours, local, settings.qe, settings.alpha, layout="I")
                 scores = _scores(db_vectors, expanded, dis_source, dis_rows, whitening, dis_vectors)
                 results[f"{base}+αQE{settings.qe}"] = _round(evaluate_revisited(scores, dataset.gnd, settings.kappas))
-    timings["evaluate"] = time.monotonic() - mark
-    timings["total"] = time.monotonic() - started
-    counts = {"database": n_db, "queries": len(dataset.qimlist), "distractors": len(dis_rows)}
-    settings_record = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()}
-    settings_record["cache_dir"] = str(cache_root)
-    return EvalReport(dataset.name, results, counts, encoder.provenance(), settings_record, timings)
+    return results
 
 
 def _short(name: str) -> str:
@@ -275,7 +280,7 @@ def _round(result: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, float]]:
     return {setup: {metric: float(value) for metric, value in values.items()} for setup, values in result.items()}
 
 
-def _scores(database: np.ndarray, queries: np.ndarray, dis_store: Optional[Path], dis_rows: Sequence[int],
+def _scores(database: np.ndarray, queries: np.ndarray, dis_store: Any, dis_rows: Sequence[int],
             whitening: Any, dis_vectors: Optional[np.ndarray]) -> np.ndarray:
     """``(n_db [+ n_distractors], Q)`` similarities: database rows first, then distractors."""
     scores = database @ queries.T
@@ -290,7 +295,7 @@ def _scores(database: np.ndarray, queries: np.ndarray, dis_store: Optional[Path]
     return np.concatenate([scores, distractor_scores]).astype(np.float32, copy=False)
 
 
-def _gather(top: np.ndarray, database: np.ndarray, dis_store: Optional[Path], dis_rows: Sequence[int],
+def _gather(top: np.ndarray, database: np.ndarray, dis_store: Any, dis_rows: Sequence[int],
             whitening: Any, dis_vectors: Optional[np.ndarray]) -> np.ndarray:
     """Descriptors of the neighbours ``top (n, Q)`` (collection indices), as ``(Q·n, D)`` query-major rows."""
     flat = top.T.reshape(-1)

@@ -194,13 +194,20 @@ class Index:
         if nbits is not None and x.shape[0] < 2 ** nbits:
             raise ValueError(f"{self.kind} with nbits={nbits} needs at least 2^{nbits} = {2 ** nbits} training "
                              f"vectors, got {x.shape[0]}: lower nbits (--index-param nbits=N) or use a flat index")
-        size = train_size or max(64 * nlist, 10_000)
+        size = train_size or self.train_size(x.shape[0])
         if x.shape[0] > size:
             rows = np.sort(np.random.default_rng(seed).choice(x.shape[0], size, replace=False))
             x = x[rows]
         if ivf is not None:
             ivf.cp.seed = seed
         self.faiss.train(x)
+
+    def train_size(self, n: int) -> int:
+        """How many of ``n`` vectors training samples (ivfpq: 64 per list, at least 10,000; others: none)."""
+        ivf = self._ivf()
+        if ivf is None or self.faiss.is_trained:
+            return 0
+        return min(int(n), max(64 * int(ivf.nlist), 10_000))
 
     def add(self, vectors: Any) -> None:
         """Append ``vectors (N, D)``; they get ids ``ntotal … ntotal + N - 1``."""
@@ -316,7 +323,10 @@ class Index:
         import faiss
 
         with atomic_path(path, suffix=".faiss") as temporary:
-            faiss.write_index(self._cpu_index(), str(temporary))
+            try:
+                faiss.write_index(self._cpu_index(), str(temporary))
+            except RuntimeError as err:  # FAISS reports a failed fwrite (disk full …) as a RuntimeError
+                raise OSError(f"FAISS could not write {path} ({str(err).strip().splitlines()[0]})") from None
         return Path(path)
 
     @classmethod

@@ -1,34 +1,61 @@
-"""The HDF5 descriptor store ``descriptors.h5``: descriptors, their ids and where they came from.
+"""The HDF5 descriptor store ``descriptors.h5``: descriptors, their ids, the files they came from.
 
 Schema (readable with plain h5py, no simret needed)::
 
     descriptors   (N, D) float32 or float16   one L2-normalised descriptor per row (not whitened)
-    ids           (N,)   utf-8 strings        image paths relative to the indexed root (POSIX style)
-    attrs         fingerprint, arch, pool, gamma, weights, dim, scales, max_size, simret_version, created
-                  (+ anything passed as ``extra``)
+    ids           (N,)   utf-8 strings        image paths relative to the indexed root (POSIX style); attribute
+                                              sha256: of the ids, each followed by a newline
+    sizes         (N,)   int64                the image file's size in bytes when it was described (-1: unknown)
+    mtimes        (N,)   int64                its modification time in nanoseconds then (-1: unknown)
+    digests       (N,)   64-char ASCII        SHA-256 of its bytes (with --verify-content; "" otherwise)
+    attrs         fingerprint, arch, pool, gamma, weights, dim, scales, max_size, simret_version, created,
+                  store_format (+ anything passed as ``extra``: root, generation …)
 
-``h5py.File(path)["ids"].asstr()[()]`` gives the ids as Python strings. Every write goes to a temporary
-file that is renamed into place, so an interrupted write leaves the previous store untouched.
+``h5py.File(path)["ids"].asstr()[()]`` gives the ids as Python strings. Every dataset is chunked (about
+256 KiB per chunk, whole rows) and carries HDF5's fletcher32 checksum filter, so a damaged byte is detected
+when its chunk is read (``StoreDamagedError`` naming the rows), and resizable, so a store is written block
+by block (``StoreWriter``) without holding all descriptors in memory. Stores written by simret before
+format 2 (contiguous, no checksums, no file states) are still read.
+
+``open_descriptors`` maps rows straight from the file for fast random access (exact re-scoring of search
+candidates); it skips the checksum check, which full reads (``StoreReader.blocks``, ``read_store``) and
+``simret check`` do.
 """
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from simret.utils.atomic import atomic_path
+from simret.utils.filestate import DIGEST_BYTES, FileStates
+from simret.utils.h5attrs import read_attrs_of, write_attrs
 
 PathLike = Union[str, os.PathLike]
 REQUIRED_ATTRS = ("fingerprint", "arch", "pool", "gamma", "scales", "dim", "simret_version", "created")
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
+STORE_FORMAT = 2  # 2: chunked + fletcher32 + file states (1: contiguous, no checksums)
+CHUNK_BYTES = 256 << 10  # bytes of descriptors per HDF5 chunk
+BLOCK_BYTES = 64 << 20  # bytes of descriptors per block read or written at once
+FILE_STATE_SETS = ("sizes", "mtimes", "digests")
+IDS_DIGEST = "sha256"  # attribute of the ids dataset: SHA-256 of the ids, each + newline (ids cannot take filters)
 
 
 class StoreError(ValueError):
     """A descriptor file that cannot be used (missing datasets, wrong shapes, no fingerprint …)."""
+
+
+class StoreDamagedError(StoreError):
+    """A store whose bytes no longer match their HDF5 checksums (``rows``: the damaged row ranges)."""
+
+    def __init__(self, message: str, rows: Sequence[Tuple[int, int]] = ()) -> None:
+        super().__init__(message)
+        self.rows = list(rows)
 
 
 @dataclass
@@ -67,6 +94,17 @@ def store_attrs(provenance: Mapping[str, Any], *, scales: Sequence[float], max_s
     return attrs
 
 
+def chunk_rows(dim: int, dtype: Any = np.float32) -> int:
+    """Rows per HDF5 chunk for ``dim``-wide rows of ``dtype`` (about ``CHUNK_BYTES``)."""
+    return int(max(1, min(65536, CHUNK_BYTES // max(1, dim * np.dtype(dtype).itemsize))))
+
+
+def block_rows(dim: int, dtype: Any = np.float32) -> int:
+    """Rows per block for streaming reads and writes (about ``BLOCK_BYTES``, whole chunks)."""
+    per_chunk = chunk_rows(dim, dtype)
+    return per_chunk * max(1, BLOCK_BYTES // (per_chunk * max(1, dim * np.dtype(dtype).itemsize)))
+
+
 def _check_rows(descriptors: np.ndarray, ids: Sequence[str]) -> np.ndarray:
     descriptors = np.asarray(descriptors)
     if descriptors.ndim != 2:
@@ -76,104 +114,440 @@ def _check_rows(descriptors: np.ndarray, ids: Sequence[str]) -> np.ndarray:
     return descriptors
 
 
-def _h5_value(value: Any) -> Any:
-    if value is None:
-        return "none"
-    if isinstance(value, (list, tuple)):
-        return np.asarray(value, dtype=np.float64 if all(isinstance(v, (int, float)) for v in value) else object)
-    if isinstance(value, (dict,)):
-        import json
-
-        return json.dumps(value, sort_keys=True)
-    return value
+# ------------------------------------------------------------------------------------------- writing
 
 
-def _py_value(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    if isinstance(value, np.ndarray):
-        return [_py_value(v) for v in value.tolist()]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+class StoreWriter:
+    """Write a store block by block: ``append(rows, ids, states)`` as often as needed, then ``close()``.
+
+    The file at ``path`` is written in place (wrap it in ``atomic_path`` or a new index generation so an
+    interrupted write is never seen). Memory use is the block passed in, whatever the store's size.
+    """
+
+    def __init__(self, path: PathLike, dim: int, attrs: Mapping[str, Any], *, dtype: str = "float32") -> None:
+        import h5py
+
+        if dtype not in STORE_DTYPES:
+            raise StoreError(f"store dtype must be float32 or float16, not {dtype!r}")
+        if "dim" in attrs and int(attrs["dim"]) != int(dim):
+            raise StoreError(f"attribute dim={attrs['dim']} but descriptors have {dim} columns")
+        self.path = Path(path)
+        self.dim = int(dim)
+        self.dtype = STORE_DTYPES[dtype]
+        self.count = 0
+        self._ids_digest = hashlib.sha256()
+        rows = chunk_rows(self.dim, self.dtype)
+        self._handle = h5py.File(self.path, "w")
+        try:
+            checked = {"fletcher32": True, "maxshape": (None,)}
+            self._handle.create_dataset("descriptors", shape=(0, self.dim), maxshape=(None, self.dim),
+                                        chunks=(rows, self.dim), dtype=self.dtype, fletcher32=True)
+            id_rows = max(1, min(rows * 4, 4096))
+            # variable-length strings cannot take HDF5 filters: their checksum is the ids_sha256 attribute
+            self._handle.create_dataset("ids", shape=(0,), maxshape=(None,), chunks=(id_rows,),
+                                        dtype=h5py.string_dtype("utf-8"))
+            self._handle.create_dataset("sizes", shape=(0,), chunks=(id_rows,), dtype=np.int64, **checked)
+            self._handle.create_dataset("mtimes", shape=(0,), chunks=(id_rows,), dtype=np.int64, **checked)
+            self._handle.create_dataset("digests", shape=(0,), chunks=(id_rows,), dtype=f"S{DIGEST_BYTES}", **checked)
+            write_attrs(self._handle, {**attrs, "store_format": STORE_FORMAT})
+        except BaseException:
+            self._handle.close()
+            raise
+
+    def append(self, descriptors: np.ndarray, ids: Sequence[str], states: Optional[FileStates] = None) -> None:
+        """Add ``descriptors (n, D)`` for ``ids`` (and the ``states`` of their files, if known)."""
+        descriptors = _check_rows(descriptors, ids)
+        if descriptors.shape[0] and descriptors.shape[1] != self.dim:
+            raise StoreError(f"cannot write {descriptors.shape[1]}-d descriptors into the {self.dim}-d store {self.path}")
+        n = descriptors.shape[0]
+        if n == 0:
+            return
+        states = states if states is not None else FileStates.unknown(n)
+        if len(states) != n:
+            raise StoreError(f"{len(states)} file states for {n} descriptors")
+        start, stop = self.count, self.count + n
+        for name in ("descriptors", "ids", *FILE_STATE_SETS):
+            self._handle[name].resize(stop, axis=0)
+        self._handle["descriptors"][start:stop] = descriptors.astype(self.dtype, copy=False)
+        ids = [str(i) for i in ids]
+        self._handle["ids"][start:stop] = np.asarray(ids, dtype=object)
+        for image_id in ids:
+            self._ids_digest.update(image_id.encode("utf-8") + b"\n")
+        self._handle["sizes"][start:stop] = states.sizes
+        self._handle["mtimes"][start:stop] = states.mtimes
+        self._handle["digests"][start:stop] = np.asarray([d.encode("ascii") for d in states.digests],
+                                                         dtype=f"S{DIGEST_BYTES}")
+        self.count = stop
+
+    @classmethod
+    def reopen(cls, path: PathLike) -> StoreWriter:
+        """Continue writing a complete format-2 store (e.g. a copy of the previous generation's) in place.
+
+        Raises:
+            StoreError: the file is not a resizable format-2 store.
+        """
+        import h5py
+
+        writer = cls.__new__(cls)
+        writer.path = Path(path)
+        writer._handle = h5py.File(writer.path, "r+")
+        try:
+            table = writer._handle["descriptors"]
+            names = ("ids", *FILE_STATE_SETS)
+            if table.maxshape[0] is not None or any(n not in writer._handle for n in names) \
+                    or any(writer._handle[n].maxshape[0] is not None for n in names):
+                raise StoreError(f"{path} is not a resizable simret store (format {STORE_FORMAT})")
+            writer.dim, writer.dtype, writer.count = int(table.shape[1]), table.dtype.type, int(table.shape[0])
+            writer._ids_digest = hashlib.sha256()
+            for image_id in writer._handle["ids"].asstr()[()]:
+                writer._ids_digest.update(str(image_id).encode("utf-8") + b"\n")
+        except BaseException:
+            writer._handle.close()
+            raise
+        return writer
+
+    def set_attrs(self, attrs: Mapping[str, Any]) -> None:
+        write_attrs(self._handle, attrs)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            try:
+                self._handle["ids"].attrs[IDS_DIGEST] = self._ids_digest.hexdigest()
+            finally:
+                self._handle.close()
+                self._handle = None
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def write_store(path: PathLike, descriptors: np.ndarray, ids: Sequence[str], attrs: Mapping[str, Any], *,
-                dtype: str = "float32") -> Path:
+                dtype: str = "float32", states: Optional[FileStates] = None) -> Path:
     """Write a complete store atomically (replacing any file at ``path``).
 
     Args:
         descriptors: ``(N, D)`` array; stored as ``dtype`` (``float32`` or ``float16``).
         ids: ``N`` strings.
         attrs: file attributes, normally from ``store_attrs(encoder.provenance(), scales=...)``.
+        states: the image files' sizes, modification times and digests (unknown when not given).
     """
-    import h5py
-
-    if dtype not in STORE_DTYPES:
-        raise StoreError(f"store dtype must be float32 or float16, not {dtype!r}")
     descriptors = _check_rows(descriptors, ids)
-    if "dim" in attrs and descriptors.shape[0] and int(attrs["dim"]) != descriptors.shape[1]:
-        raise StoreError(f"attribute dim={attrs['dim']} but descriptors have {descriptors.shape[1]} columns")
     with atomic_path(path, suffix=".h5") as temporary:
-        with h5py.File(temporary, "w") as handle:
-            # contiguous (not chunked, not compressed): rows can be memory-mapped (open_descriptors)
-            handle.create_dataset("descriptors", data=descriptors.astype(STORE_DTYPES[dtype], copy=False))
-            handle.create_dataset("ids", data=np.asarray(list(ids), dtype=object), dtype=h5py.string_dtype("utf-8"))
-            for key, value in attrs.items():
-                handle.attrs[key] = _h5_value(value)
+        with StoreWriter(temporary, descriptors.shape[1], attrs, dtype=dtype) as writer:
+            writer.append(descriptors, ids, states)
     return Path(path)
 
 
 def append_store(path: PathLike, descriptors: np.ndarray, ids: Sequence[str], *,
-                 expect_fingerprint: Optional[str] = None, block: int = 65536) -> Path:
-    """Add rows to an existing store, atomically: a new file with the old rows (copied in blocks) and the
-    new ones is written next to it and renamed into place.
+                 expect_fingerprint: Optional[str] = None, block: Optional[int] = None) -> Path:
+    """Add rows to an existing store, atomically: a new file with the old rows (copied block by block) and
+    the new ones is written next to it and renamed into place.
 
     Raises:
         StoreError: the store was computed by another encoder (``expect_fingerprint``) or has another width.
     """
-    import h5py
-
     descriptors = _check_rows(descriptors, ids)
-    attrs = read_attrs(path)
-    if expect_fingerprint is not None and attrs.get("fingerprint") != expect_fingerprint:
-        raise StoreError(f"{path} holds descriptors of encoder {attrs.get('fingerprint')}, "
-                         f"not {expect_fingerprint}: they cannot be mixed")
-    with h5py.File(path, "r") as source, atomic_path(path, suffix=".h5") as temporary:
-        table, names = source["descriptors"], source["ids"]
-        if descriptors.shape[1] != table.shape[1]:
-            raise StoreError(f"cannot append {descriptors.shape[1]}-d descriptors to the {table.shape[1]}-d "
-                             f"store {path}")
-        start, total = table.shape[0], table.shape[0] + len(ids)
-        with h5py.File(temporary, "w") as handle:
-            out = handle.create_dataset("descriptors", shape=(total, table.shape[1]), dtype=table.dtype)
-            for first in range(0, start, block):
-                last = min(start, first + block)
-                out[first:last] = table[first:last]
-            out[start:] = descriptors.astype(table.dtype, copy=False)
-            handle.create_dataset("ids", data=np.asarray(list(names.asstr()[()]) + list(ids), dtype=object),
-                                  dtype=h5py.string_dtype("utf-8"))
-            for key, value in source.attrs.items():
-                handle.attrs[key] = value
+    with StoreReader(path) as source:
+        if expect_fingerprint is not None and source.attrs.get("fingerprint") != expect_fingerprint:
+            raise StoreError(f"{path} holds descriptors of encoder {source.attrs.get('fingerprint')}, "
+                             f"not {expect_fingerprint}: they cannot be mixed")
+        if descriptors.shape[1] != source.dim:
+            raise StoreError(f"cannot append {descriptors.shape[1]}-d descriptors to the {source.dim}-d store {path}")
+        dtype = "float16" if source.dtype == np.float16 else "float32"
+        with atomic_path(path, suffix=".h5") as temporary:
+            with StoreWriter(temporary, source.dim, source.attrs, dtype=dtype) as writer:
+                for start, rows in source.blocks(block):
+                    writer.append(rows, source.ids[start:start + len(rows)],
+                                  source.file_states().take(range(start, start + len(rows))))
+                writer.append(descriptors, ids)
     return Path(path)
 
 
-def open_descriptors(path: PathLike) -> np.ndarray:
-    """The ``descriptors`` dataset as a read-only ``(N, D)`` array without reading it: a ``numpy.memmap`` of
-    the file (stores written by simret are contiguous), or, for chunked/compressed files, the whole
-    dataset read into memory."""
-    import h5py
+# ------------------------------------------------------------------------------------------- reading
 
+
+class StoreReader:
+    """An open store: attributes, ids and file states on demand, descriptors in verified blocks or by rows.
+
+    Keeps the file open until ``close()`` (a ``with`` block), so a reader keeps working even when a writer
+    replaces the file by a newer generation meanwhile.
+    """
+
+    def __init__(self, path: PathLike) -> None:
+        import h5py
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no descriptor file {self.path}")
+        try:
+            self._handle = h5py.File(self.path, "r")
+        except OSError as err:
+            raise StoreError(f"{self.path} is not a readable HDF5 file ({_first_line(err)})") from None
+        self._ids: Optional[List[str]] = None
+        self._states: Optional[FileStates] = None
+        try:
+            self.attrs = read_attrs_of(self._handle)
+            for name in ("descriptors", "ids"):
+                if name not in self._handle:
+                    raise StoreError(f"{self.path} has no {name!r} dataset (datasets: {', '.join(self._handle)})")
+            self._table = self._handle["descriptors"]
+            if self._table.ndim != 2 or self._handle["ids"].shape != (self._table.shape[0],):
+                raise StoreError(f"{self.path}: descriptors {self._table.shape} and ids "
+                                 f"{self._handle['ids'].shape} do not match")
+        except BaseException:
+            self._handle.close()
+            raise
+
+    # shape and content
+
+    @property
+    def count(self) -> int:
+        return int(self._table.shape[0])
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def dim(self) -> int:
+        return int(self._table.shape[1])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._table.dtype
+
+    @property
+    def fingerprint(self) -> Optional[str]:
+        return self.attrs.get("fingerprint")
+
+    @property
+    def ids(self) -> List[str]:
+        if self._ids is None:
+            names = self._guarded(lambda: self._handle["ids"].asstr()[()], "ids", (0, self.count))
+            self._ids = [str(v) for v in names]
+            expected = self._handle["ids"].attrs.get(IDS_DIGEST)
+            expected = expected.decode() if isinstance(expected, bytes) else expected
+            if expected and _ids_digest(self._ids) != expected:
+                raise StoreDamagedError(f"{self.path} is damaged: its ids no longer match their checksum",
+                                        [(0, self.count)])
+        return self._ids
+
+    def ids_of(self, indices: Sequence[int]) -> List[str]:
+        """The ids of rows ``indices`` (in that order), reading only those."""
+        order = np.asarray(indices, dtype=np.int64).ravel()
+        if self._ids is not None or order.size == 0:
+            return [self.ids[i] for i in order.tolist()]
+        unique, inverse = np.unique(order, return_inverse=True)
+        names = self._guarded(lambda: self._handle["ids"].asstr()[unique.tolist()], "ids",
+                              (int(unique[0]), int(unique[-1]) + 1))
+        return [str(names[i]) for i in inverse.tolist()]
+
+    @property
+    def has_file_states(self) -> bool:
+        return all(name in self._handle for name in FILE_STATE_SETS)
+
+    def file_states(self) -> FileStates:
+        """The image files' states recorded with the rows (``FileStates.unknown`` for older stores)."""
+        if self._states is None:
+            if not self.has_file_states:
+                self._states = FileStates.unknown(self.count)
+            else:
+                span = (0, self.count)
+                sizes = self._guarded(lambda: self._handle["sizes"][()], "sizes", span)
+                mtimes = self._guarded(lambda: self._handle["mtimes"][()], "mtimes", span)
+                digests = self._guarded(lambda: self._handle["digests"][()], "digests", span)
+                self._states = FileStates(np.asarray(sizes, np.int64), np.asarray(mtimes, np.int64),
+                                          [d.decode("ascii") for d in digests.tolist()])
+        return self._states
+
+    def blocks(self, rows_per_block: Optional[int] = None, start: int = 0,
+               stop: Optional[int] = None) -> Iterator[Tuple[int, np.ndarray]]:
+        """``(first row, float32 block)`` over rows ``start:stop``, checksums verified.
+
+        Raises:
+            StoreDamagedError: a block's bytes do not match their checksums (naming the rows).
+        """
+        step = rows_per_block or block_rows(self.dim, self.dtype)
+        stop = self.count if stop is None else min(stop, self.count)
+        for first in range(start, stop, step):
+            last = min(stop, first + step)
+            block = self._guarded(lambda a=first, b=last: self._table[a:b], "descriptors", (first, last))
+            yield first, np.asarray(block, dtype=np.float32)
+
+    def rows(self, indices: Sequence[int]) -> np.ndarray:
+        """``(len(indices), D)`` float32 rows in the order given (repeats allowed), checksums verified."""
+        order = np.asarray(indices, dtype=np.int64).ravel()
+        if order.size == 0:
+            return np.zeros((0, self.dim), np.float32)
+        if order.min() < 0 or order.max() >= self.count:
+            raise StoreError(f"row index out of range for {self.path} ({self.count} rows)")
+        unique, inverse = np.unique(order, return_inverse=True)
+        picked = np.empty((unique.size, self.dim), np.float32)
+        breaks = np.flatnonzero(np.diff(unique) != 1) + 1  # consecutive rows are read as one slice
+        for run in np.split(np.arange(unique.size), breaks):
+            first, last = int(unique[run[0]]), int(unique[run[-1]]) + 1
+            picked[run[0]:run[-1] + 1] = self._guarded(lambda a=first, b=last: self._table[a:b], "descriptors",
+                                                       (first, last))
+        return picked[inverse]
+
+    def row_access(self) -> RowAccess:
+        """Fast random access to rows straight from the file (no checksum check); see ``open_descriptors``."""
+        return RowAccess(self.path)
+
+    def damaged_rows(self) -> List[Tuple[int, int]]:
+        """Read every dataset chunk by chunk; the ``(start, stop)`` row ranges whose checksums fail."""
+        damaged: List[Tuple[int, int]] = []
+        try:
+            _ = self.ids  # reading them checks their checksum
+        except StoreDamagedError as err:
+            damaged.extend(err.rows)
+        sets = [name for name in ("descriptors", *FILE_STATE_SETS) if name in self._handle]
+        for name in sets:
+            dataset = self._handle[name]
+            step = dataset.chunks[0] if dataset.chunks else max(1, dataset.shape[0])
+            coarse = step * 64
+            for first in range(0, dataset.shape[0], coarse):
+                last = min(dataset.shape[0], first + coarse)
+                if _readable(dataset, first, last):
+                    continue
+                for a in range(first, last, step):  # locate the bad chunks
+                    b = min(last, a + step)
+                    if not _readable(dataset, a, b):
+                        damaged.append((a, b))
+        return _merge_ranges(damaged)
+
+    # housekeeping
+
+    def _guarded(self, read, name: str, span: Tuple[int, int]):
+        try:
+            return read()
+        except OSError as err:
+            raise StoreDamagedError(f"{self.path} is damaged: dataset {name!r} fails its checksum or cannot be read "
+                                    f"(rows {span[0]}-{span[1] - 1}: {_first_line(err)})", [span]) from None
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> StoreReader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class RowAccess:
+    """Rows of a store's ``descriptors`` gathered straight from the file, ``rows (R,) → (R, D)`` in the
+    stored dtype: a memory map of the file (contiguous stores, or chunked ones without compression, whose
+    chunks are located once), else h5py reads. No checksum is verified here.
+
+    Holds the file open, so it survives the file being replaced or removed meanwhile.
+    """
+
+    def __init__(self, path: PathLike) -> None:
+        import h5py
+
+        self.path = Path(path)
+        self._handle = h5py.File(self.path, "r")
+        table = self._handle["descriptors"]
+        self.shape: Tuple[int, int] = (int(table.shape[0]), int(table.shape[1]))
+        self.dtype = np.dtype(table.dtype)
+        self._row_bytes = self.shape[1] * self.dtype.itemsize
+        self._table = None
+        self._chunk_offsets: Optional[np.ndarray] = None
+        self._map: Optional[np.memmap] = None
+        self._offset: Optional[int] = None
+        filters = table.compression is not None or table.scaleoffset is not None or table.shuffle
+        if table.chunks is None and self.shape[0]:
+            self._offset = table.id.get_offset()
+        elif table.chunks is not None and not filters and table.chunks[1] == self.shape[1] and self.shape[0]:
+            self._chunk_rows = int(table.chunks[0])
+            self._chunk_offsets = _chunk_offsets(table, self._chunk_rows)
+        if self._offset is None and self._chunk_offsets is None:
+            self._table = table  # compressed or unusual layouts (or no rows): h5py reads
+            return
+        self._file = open(self.path, "rb")
+        self._map = np.memmap(self._file, dtype=np.uint8, mode="r")
+        self._handle.close()
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        index = np.asarray(rows, dtype=np.int64).ravel()
+        if index.size and (index.min() < 0 or index.max() >= self.shape[0]):
+            raise IndexError(f"row index out of range for {self.path} ({self.shape[0]} rows)")
+        if index.size == 0 or self.shape[0] == 0:
+            return np.zeros((index.size, self.shape[1]), self.dtype)
+        if self._table is not None:
+            unique, inverse = np.unique(index, return_inverse=True)
+            return np.asarray(self._table[unique.tolist()])[inverse]
+        if self._offset is not None:
+            starts = self._offset + index * self._row_bytes
+        else:
+            starts = self._chunk_offsets[index // self._chunk_rows] + (index % self._chunk_rows) * self._row_bytes
+        gathered = self._map[starts[:, None] + np.arange(self._row_bytes)]
+        return gathered.view(self.dtype).reshape(index.size, self.shape[1])
+
+
+def _chunk_offsets(table: Any, rows_per_chunk: int) -> np.ndarray:
+    """Byte offset in the file of every chunk of a row-chunked 2-D dataset (``-1``: never written)."""
+    n_chunks = -(-table.shape[0] // rows_per_chunk)
+    offsets = np.full(n_chunks, -1, np.int64)
+
+    def visit(info: Any) -> None:
+        offsets[info.chunk_offset[0] // rows_per_chunk] = info.byte_offset
+
+    table.id.chunk_iter(visit)
+    if (offsets < 0).any():
+        raise StoreError(f"{table.file.filename}: {int((offsets < 0).sum())} chunk(s) of descriptors were never "
+                         f"written: the store is incomplete")
+    return offsets
+
+
+def _ids_digest(ids: Sequence[str]) -> str:
+    digest = hashlib.sha256()
+    for image_id in ids:
+        digest.update(image_id.encode("utf-8") + b"\n")
+    return digest.hexdigest()
+
+
+def _readable(dataset: Any, first: int, last: int) -> bool:
+    try:
+        dataset[first:last]
+        return True
+    except OSError:
+        return False
+
+
+def _merge_ranges(ranges: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    merged: List[Tuple[int, int]] = []
+    for first, last in sorted(ranges):
+        if merged and first <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+        else:
+            merged.append((first, last))
+    return merged
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def open_descriptors(path: PathLike) -> RowAccess:
+    """The ``descriptors`` of a store as a read-only row gatherer ``rows (R,) → (R, D)``, without reading them
+    (a memory map of the file; see ``RowAccess``). Checksums are not verified on this path."""
     path = Path(path)
-    with h5py.File(path, "r") as handle:
-        if "descriptors" not in handle:
-            raise StoreError(f"{path} has no 'descriptors' dataset")
-        table = handle["descriptors"]
-        offset = table.id.get_offset() if table.chunks is None and table.compression is None else None
-        shape, dtype = table.shape, table.dtype
-        if offset is None or not table.size:
-            return np.asarray(table[()])
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+    if not path.is_file():
+        raise FileNotFoundError(f"no descriptor file {path}")
+    try:
+        return RowAccess(path)
+    except (OSError, KeyError) as err:
+        raise StoreError(f"{path} is not a readable descriptor store ({_first_line(err)})") from None
 
 
 def read_attrs(path: PathLike) -> Dict[str, Any]:
@@ -185,46 +559,39 @@ def read_attrs(path: PathLike) -> Dict[str, Any]:
         raise FileNotFoundError(f"no descriptor file {path}")
     try:
         with h5py.File(path, "r") as handle:
-            return {key: _py_value(value) for key, value in handle.attrs.items()}
+            return read_attrs_of(handle)
     except OSError as err:
-        raise StoreError(f"{path} is not a readable HDF5 file ({err})") from None
+        raise StoreError(f"{path} is not a readable HDF5 file ({_first_line(err)})") from None
+
+
+def read_ids(path: PathLike) -> List[str]:
+    """The ``ids`` of a store, without reading its descriptors (8 GB for R1M at 2048-d)."""
+    with StoreReader(path) as reader:
+        return reader.ids
 
 
 def read_store(path: PathLike, *, rows: Optional[Sequence[int]] = None,
                require_fingerprint: bool = True) -> DescriptorStore:
-    """Read a store (all rows, or only ``rows``, in the order given) as float32.
+    """Read a store (all rows, or only ``rows``, in the order given) as float32, checksums verified.
 
     Raises:
         FileNotFoundError: no such file.
-        StoreError: not HDF5, datasets missing or mismatched, or no ``fingerprint`` attribute (unless
-            ``require_fingerprint=False``).
+        StoreError: not HDF5, datasets missing or mismatched, no ``fingerprint`` attribute (unless
+            ``require_fingerprint=False``); ``StoreDamagedError`` when checksums fail.
     """
-    import h5py
-
-    path = Path(path)
-    attrs = read_attrs(path)
-    if require_fingerprint and not attrs.get("fingerprint"):
-        raise StoreError(f"{path} has no 'fingerprint' attribute: simret cannot tell which encoder computed "
-                         f"these descriptors (write them with simret.retrieval.store.write_store)")
-    with h5py.File(path, "r") as handle:
-        for name in ("descriptors", "ids"):
-            if name not in handle:
-                raise StoreError(f"{path} has no {name!r} dataset (datasets: {', '.join(handle)})")
-        table, names = handle["descriptors"], handle["ids"]
-        if table.ndim != 2 or names.shape != (table.shape[0],):
-            raise StoreError(f"{path}: descriptors {table.shape} and ids {names.shape} do not match")
+    with StoreReader(path) as reader:
+        if require_fingerprint and not reader.fingerprint:
+            raise StoreError(f"{reader.path} has no 'fingerprint' attribute: simret cannot tell which encoder "
+                             f"computed these descriptors (write them with simret.retrieval.store.write_store)")
         if rows is None:
-            descriptors = table[()]
-            ids = [_py_value(v) for v in names[()]]
+            descriptors = np.empty((reader.count, reader.dim), np.float32)
+            for start, block in reader.blocks():
+                descriptors[start:start + len(block)] = block
+            ids = reader.ids
         else:
-            order = np.asarray(rows, dtype=np.int64)
-            if order.size and (order.min() < 0 or order.max() >= table.shape[0]):
-                raise StoreError(f"row index out of range for {path} ({table.shape[0]} rows)")
-            unique, inverse = np.unique(order, return_inverse=True)
-            descriptors = table[unique.tolist()][inverse] if unique.size else np.zeros((0, table.shape[1]))
-            picked = [_py_value(v) for v in names[unique.tolist()]] if unique.size else []
-            ids = [picked[i] for i in inverse.tolist()]
-    return DescriptorStore(np.ascontiguousarray(descriptors, dtype=np.float32), ids, attrs)
+            descriptors = reader.rows(rows)
+            ids = reader.ids_of(rows)
+        return DescriptorStore(np.ascontiguousarray(descriptors, dtype=np.float32), ids, dict(reader.attrs))
 
 
 def check_fingerprint(found: Optional[str], expected: str, *, what: str, where: str) -> None:

@@ -11,7 +11,7 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, BinaryIO, Dict, Iterable, Optional, Union
 
 import numpy as np
 
@@ -28,6 +28,48 @@ def l2_normalize(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarra
     x = np.asarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=axis, keepdims=True)
     return (x / np.maximum(norms, eps)).astype(np.float32, copy=False)
+
+
+class Moments:
+    """Running count, mean and scatter matrix of descriptors added block by block (float64; blocks merged
+    with Chan et al.'s pairwise update, so the result does not depend on how the rows were split)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: Optional[np.ndarray] = None
+        self.scatter: Optional[np.ndarray] = None
+
+    @property
+    def dim(self) -> int:
+        return 0 if self.mean is None else int(self.mean.shape[0])
+
+    def add(self, block: np.ndarray) -> None:
+        """Add ``block (n, D)``; raises ``ValueError`` for NaN/infinite values or another width."""
+        x = np.asarray(block, dtype=np.float64)
+        if x.ndim != 2:
+            raise ValueError(f"whitening needs descriptors (N, D), got shape {x.shape}")
+        if x.shape[0] == 0:
+            return
+        if not np.isfinite(x).all():
+            raise ValueError("whitening descriptors contain NaN or infinite values")
+        if self.mean is not None and x.shape[1] != self.dim:
+            raise ValueError(f"whitening descriptors of width {x.shape[1]} after width {self.dim}")
+        mean = x.mean(axis=0)
+        centred = x - mean
+        scatter = centred.T @ centred
+        if self.mean is None:
+            self.n, self.mean, self.scatter = x.shape[0], mean, scatter
+            return
+        total = self.n + x.shape[0]
+        delta = mean - self.mean
+        self.scatter = self.scatter + scatter + np.outer(delta, delta) * (self.n * x.shape[0] / total)
+        self.mean = self.mean + delta * (x.shape[0] / total)
+        self.n = total
+
+    def covariance(self) -> np.ndarray:
+        """The (biased, ``/N``) covariance ``(D, D)``, symmetrised."""
+        covariance = self.scatter / self.n
+        return (covariance + covariance.T) / 2
 
 
 @dataclass
@@ -62,18 +104,29 @@ class PCAWhitening:
         Raises:
             ValueError: fewer than two descriptors, or ``dim`` out of range.
         """
-        x = np.asarray(descriptors, dtype=np.float64)
+        x = np.asarray(descriptors)
         if x.ndim != 2 or x.shape[0] < 2:
             raise ValueError(f"whitening needs at least two descriptors (N, D), got shape {x.shape}")
-        n, d = x.shape
-        if not np.isfinite(x).all():
-            raise ValueError("whitening descriptors contain NaN or infinite values")
+        return cls.learn_streaming([x], dim)
+
+    @classmethod
+    def learn_streaming(cls, blocks: Iterable[np.ndarray], dim: Optional[int] = None) -> PCAWhitening:
+        """Learn from descriptors given as ``(n_i, D)`` blocks (e.g. read from a store one block at a time):
+        the same whitening as ``learn`` on their concatenation, in ``O(D²)`` memory whatever ``N`` is."""
+        moments = Moments()
+        for block in blocks:
+            moments.add(block)
+        return cls.from_moments(moments, dim)
+
+    @classmethod
+    def from_moments(cls, moments: Moments, dim: Optional[int] = None) -> PCAWhitening:
+        """The whitening of the descriptors whose mean and covariance ``moments`` accumulated."""
+        n, d = moments.n, moments.dim
+        if n < 2:
+            raise ValueError(f"whitening needs at least two descriptors (N, D), got {n}")
         if dim is not None and not 1 <= dim <= d:
             raise ValueError(f"whitening dimension must be in 1..{d}, got {dim}")
-        mean = x.mean(axis=0)
-        centred = x - mean
-        covariance = centred.T @ centred / n
-        covariance = (covariance + covariance.T) / 2
+        covariance = moments.covariance()
         eigenvalues, eigenvectors = np.linalg.eigh(covariance)
         order = np.argsort(eigenvalues)[::-1]
         eigenvalues, eigenvectors = eigenvalues[order], eigenvectors[:, order]
@@ -89,7 +142,7 @@ class PCAWhitening:
                         "larger set (--whiten-on) for full-width descriptors", n, d, keep)
         eigenvalues, eigenvectors = eigenvalues[:keep], eigenvectors[:, :keep]
         projection = (eigenvectors / np.sqrt(eigenvalues)).T  # (keep, D) = Λ^{-1/2} Vᵀ
-        return cls(mean.astype(np.float32), projection.astype(np.float32), eigenvalues.astype(np.float32), n)
+        return cls(moments.mean.astype(np.float32), projection.astype(np.float32), eigenvalues.astype(np.float32), n)
 
     def apply(self, descriptors: np.ndarray) -> np.ndarray:
         """``(N, D)`` or ``(D,)`` → whitened and L2-normalised ``(N, D')`` float32."""
@@ -112,12 +165,13 @@ class PCAWhitening:
         return Path(path)
 
     @classmethod
-    def load(cls, path: PathLike) -> PCAWhitening:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no whitening file {path}")
+    def load(cls, source: Union[PathLike, BinaryIO], *, shown_as: Optional[PathLike] = None) -> PCAWhitening:
+        """Read a whitening written by ``save`` (a path, or an open binary file / ``BytesIO``)."""
+        name = shown_as or (source if isinstance(source, (str, os.PathLike)) else "whitening")
+        if isinstance(source, (str, os.PathLike)) and not Path(source).is_file():
+            raise FileNotFoundError(f"no whitening file {source}")
         try:
-            data = np.load(path, allow_pickle=False)
+            data = np.load(source, allow_pickle=False)
             if not hasattr(data, "files"):
                 raise ValueError("a single array, not an .npz archive")
             with data:
@@ -128,5 +182,45 @@ class PCAWhitening:
                            data["eigenvalues"].astype(np.float32), int(data["n_learned"]))
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
             reason = "not an .npz archive" if "pickled" in str(err) else str(err)  # numpy's hint to unpickle: no
-            raise ValueError(f"{path} is not a readable simret whitening file ({reason}): rebuild the index with "
-                             f"simret index --overwrite") from None
+            raise ValueError(f"{name} is not a readable simret whitening file ({reason})") from None
+
+
+def learn_whitening_on(source: PathLike, encoder: Any, *, dim: Optional[int] = None, scales: Any = (1.0,),
+                       max_size: Optional[int] = 1024, batch_size: int = 16, workers: Optional[int] = None,
+                       half: bool = False, progress: bool = True) -> PCAWhitening:
+    """PCA whitening learned on other images than the ones it will whiten (``--whiten-on``).
+
+    ``source`` is a descriptor store (``.h5``/``.hdf5``) of the same encoder, read block by block, or a
+    folder / list file of images, described with the given extraction settings.
+
+    Raises:
+        StoreError: the store was computed by another encoder.
+        ValueError: another width, fewer than two usable descriptors or images.
+    """
+    from simret.retrieval.store import StoreReader, check_fingerprint
+
+    source = Path(source).expanduser()
+    if source.suffix.lower() in (".h5", ".hdf5"):
+        with StoreReader(source) as reader:
+            check_fingerprint(reader.fingerprint, encoder.fingerprint, what=f"whitening descriptors in {source}",
+                              where="this encoder")
+            if reader.dim != encoder.dim:
+                raise ValueError(f"--whiten-on {source} holds {reader.dim}-d descriptors, this encoder gives "
+                                 f"{encoder.dim}-d ones")
+            try:
+                return PCAWhitening.learn_streaming((block for _, block in reader.blocks()), dim)
+            except ValueError as err:
+                raise ValueError(f"--whiten-on {source}: {err}") from None
+    from simret.data.images import list_images
+    from simret.retrieval.extraction import extract
+
+    root, ids = list_images(source)
+    log.info("learning whitening on %d images from %s", len(ids), source)
+    result = extract(encoder, root, ids, scales=scales, max_size=max_size, batch_size=batch_size, workers=workers,
+                     half=half, progress=progress)
+    if result.failures:
+        log.warning("whitening: %d of %d images under %s could not be used", len(result.failures), len(ids), source)
+    if len(result.ids) < 2:
+        raise ValueError(f"--whiten-on {source}: whitening needs at least two readable images, "
+                         f"{len(result.ids)} of {len(ids)} could be used")
+    return PCAWhitening.learn(result.descriptors, dim)

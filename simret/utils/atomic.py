@@ -75,3 +75,34 @@ def deferred_interrupts() -> Iterator[None]:
             signal.signal(number, handler if handler is not None else signal.SIG_DFL)
         for number in dict.fromkeys(received):
             signal.raise_signal(number)  # now handled as it would have been (KeyboardInterrupt, exit …)
+
+
+class DiskWriteError(OSError):
+    """Writing failed (disk full, no permission, an I/O error): the message names the path, the free space
+    and what is left intact."""
+
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.errno = code or None
+
+
+def write_failure(path: PathLike, err: OSError, intact: str) -> DiskWriteError:
+    """A ``DiskWriteError`` for ``err`` raised while writing ``path``; ``intact`` says what the user keeps."""
+    import errno as errno_codes
+    import shutil
+
+    place = Path(path)
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    try:
+        free = f"; {shutil.disk_usage(place).free / 2**20:,.0f} MiB free there"
+    except OSError:
+        free = ""
+    text = str(err)
+    if err.errno:
+        reason = os.strerror(err.errno)
+    elif "No space left" in text or "errno = 28" in text:
+        reason = os.strerror(errno_codes.ENOSPC)
+    else:
+        reason = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return DiskWriteError(f"could not write {path} ({reason}{free}): {intact}", err.errno or 0)

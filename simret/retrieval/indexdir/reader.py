@@ -1,0 +1,223 @@
+"""``IndexDir``: a committed generation of an index directory, opened for searching.
+
+A reader never takes the writer lock. It resolves the current generation once, reads that generation's
+meta.json and opens its files, keeping them open: a writer that commits a newer generation meanwhile (and
+removes this one) changes nothing for it. If the generation disappears between resolving and opening (a
+commit in that instant), it resolves again. Every file is checked when read: the store's HDF5 checksums
+(full reads), the SHA-256 recorded for index.faiss and whitening.npz, the generation ids tying them
+together; damage is one error naming the file and the repair.
+"""
+from __future__ import annotations
+
+import io
+import os
+import time
+from pathlib import Path
+from typing import Any, BinaryIO, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from simret.retrieval.index import DEFAULT_RERANK, Index
+from simret.retrieval.indexdir.layout import Generation, current, current_generation
+from simret.retrieval.indexdir.meta import IndexDamagedError, file_record, read_meta_file, repair_hint
+from simret.retrieval.indexdir.names import INDEX_FILE, META, STORE, STORE_ONLY, WHITENING_FILE
+from simret.retrieval.store import RowAccess, StoreReader, check_fingerprint
+from simret.retrieval.whitening import PCAWhitening, l2_normalize
+from simret.utils.filestate import bytes_checksum, damaged, stream_checksum
+from simret.utils.logs import get_logger
+
+log = get_logger(__name__)
+PathLike = Union[str, os.PathLike]
+OPEN_ATTEMPTS = 10  # a commit can slip in between resolving `current` and opening its files
+
+
+class IndexDir:
+    """A finished index directory: its meta, store ids, whitening and FAISS index (loaded lazily).
+
+    >>> index_dir = IndexDir("idx/")
+    >>> scores, rows = index_dir.search(raw_queries, k=10)     # raw: as extract() returns them
+    >>> [index_dir.ids[r] for r in rows[0]]
+    """
+
+    def __init__(self, path: PathLike) -> None:
+        self.path = Path(path).expanduser()
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"no index directory {self.path}")
+        self._store: Optional[StoreReader] = None
+        self._index_file: Optional[BinaryIO] = None
+        self._index: Optional[Index] = None
+        self._whitening: Optional[PCAWhitening] = None
+        self._rows: Optional[RowAccess] = None
+        for attempt in range(OPEN_ATTEMPTS):
+            generation = current(self.path)
+            if generation is None:
+                raise FileNotFoundError(f"{self.path} holds no simret index ({META} missing; build one with "
+                                        f"simret index)")
+            try:
+                self._open(generation)
+                break
+            except FileNotFoundError:
+                self.close()
+                if attempt + 1 == OPEN_ATTEMPTS or current_generation(self.path) == generation.name:
+                    raise
+                time.sleep(0.01 * (attempt + 1))  # a newer generation was committed meanwhile: open that one
+
+    def _open(self, generation: Generation) -> None:
+        self.generation_dir = generation
+        self.meta = read_meta_file(generation.file(META), generation.shown(META), self.path)
+        self.searchable = self.meta["index"].get("kind") != STORE_ONLY
+        needed = (STORE,) + ((INDEX_FILE,) if self.searchable else ())
+        for name in needed + ((WHITENING_FILE,) if self.meta["whitening"].get("kind") == "pca" else ()):
+            if not generation.file(name).is_file():
+                if generation.name and not generation.directory.is_dir():
+                    raise FileNotFoundError(generation.directory)  # removed by a newer commit: resolve again
+                raise IndexDamagedError(f"{generation.shown(name)} is missing", self.path)
+        self._store = StoreReader(generation.file(STORE))
+        expected = self.meta.get("store_generation", self.meta.get("generation"))
+        if self._store.attrs.get("generation") != expected:
+            raise ValueError(f"{self.path}: {STORE} and {META} come from different runs (an interrupted write of an "
+                             f"older simret?): {repair_hint(self.path)}")
+        if self.searchable:
+            self._index_file = open(generation.file(INDEX_FILE), "rb")  # pinned: loaded lazily, maybe much later
+        if self.meta["whitening"].get("kind") == "pca":
+            self._whitening = self._load_whitening(generation)
+
+    def _load_whitening(self, generation: Generation) -> PCAWhitening:
+        with open(generation.file(WHITENING_FILE), "rb") as handle:
+            data = handle.read()
+        expected = file_record(self.meta, "whitening").get("checksum")
+        if expected and bytes_checksum(data) != expected:
+            raise IndexDamagedError(damaged(generation.shown(WHITENING_FILE)), self.path)
+        try:
+            return PCAWhitening.load(io.BytesIO(data), shown_as=generation.shown(WHITENING_FILE))
+        except ValueError as err:
+            raise IndexDamagedError(str(err), self.path) from None
+
+    # ------------------------------------------------------------------------------------------ identity
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+    @property
+    def root(self) -> Path:
+        return Path(self.meta["root"])
+
+    @property
+    def generation(self) -> str:
+        """The id of the generation this reader answers from (``simret serve`` reloads when it changes)."""
+        return str(self.meta["generation"])
+
+    # ------------------------------------------------------------------------------------------ content
+
+    @property
+    def index(self) -> Index:
+        if self._index is None:
+            if not self.searchable:
+                raise ValueError(f"{self.path} keeps descriptors only (--index none, e.g. simret eval's cache): build a "
+                                 f"searchable index with simret index --index flat|ivfpq|hnsw|auto")
+            self._index = self._load_index()
+        return self._index
+
+    def _load_index(self) -> Index:
+        shown = self.generation_dir.shown(INDEX_FILE)
+        handle = self._index_file
+        handle.seek(0)
+        expected = file_record(self.meta, "index").get("checksum")
+        if expected and stream_checksum(handle) != expected:
+            raise IndexDamagedError(damaged(shown), self.path)
+        pinned = f"/proc/self/fd/{handle.fileno()}"
+        try:
+            index = Index.load(pinned if os.path.exists(pinned) else self.generation_dir.file(INDEX_FILE))
+        except ValueError as err:
+            raise IndexDamagedError(f"{shown} is damaged ({err})", self.path) from None
+        if index.ntotal != self.meta["count"]:
+            raise IndexDamagedError(f"{shown} holds {index.ntotal} vectors but {META} says {self.meta['count']}",
+                                    self.path)
+        return index
+
+    @property
+    def ids(self) -> List[str]:
+        return self._store.ids
+
+    @property
+    def whitening(self) -> Optional[PCAWhitening]:
+        return self._whitening
+
+    def prepare(self, raw: np.ndarray) -> np.ndarray:
+        """Raw descriptors ``(Q, D)`` (as extracted) → the index's space (whitened, L2-normalised)."""
+        raw = np.atleast_2d(np.asarray(raw, dtype=np.float32))
+        return self.whitening.apply(raw) if self.whitening is not None else l2_normalize(raw)
+
+    def database_vectors(self, rows: Optional[Sequence[int]] = None) -> np.ndarray:
+        """Database descriptors in the index's space, exact (read from the store, checksums verified), all
+        or ``rows``."""
+        if rows is not None:
+            return self.prepare(self._store.rows(rows))
+        out = None
+        for start, block in self._store.blocks():
+            prepared = self.prepare(block)
+            if out is None:
+                out = np.empty((self._store.count, prepared.shape[1]), np.float32)
+            out[start:start + len(block)] = prepared
+        return out if out is not None else np.zeros((0, self.meta["dim"]), np.float32)
+
+    def exact_vectors(self, rows: np.ndarray) -> np.ndarray:
+        """Rows of the memory-mapped store in the index's space (what re-scores ivfpq candidates)."""
+        if self._rows is None:
+            self._rows = self._store.row_access()
+        return self.prepare(np.asarray(self._rows[np.asarray(rows, dtype=np.int64)], dtype=np.float32))
+
+    def check_queries(self, fingerprint: Optional[str], what: str = "the queries") -> None:
+        check_fingerprint(fingerprint, self.fingerprint, what=what, where=f"the index {self.path}")
+
+    def search(self, raw_queries: Any, k: int = 10, *, qe: int = 0, alpha: float = 3.0,
+               dba: int = 0, rerank: int = DEFAULT_RERANK) -> Tuple[np.ndarray, np.ndarray]:
+        """Search raw query descriptors ``(Q, D)``; optional αQE (``qe`` neighbours) and αDBA (``dba``).
+
+        An ivfpq index re-scores its top ``k·rerank`` candidates with the exact (memory-mapped) stored
+        descriptors (``rerank=0``: compressed scores only).
+
+        Returns ``(scores (Q, k'), rows (Q, k'))``; ``rows`` index ``self.ids``.
+        """
+        from simret.retrieval.rerank import alpha_qe
+        from simret.retrieval.rerank import dba as augment
+
+        queries = self.prepare(raw_queries)
+        if dba:
+            log.info("database-side augmentation over %d descriptors (n=%d, alpha=%g)", self.meta["count"], dba, alpha)
+            database = augment(self.database_vectors(), dba, alpha)
+            index = Index.build(database, "flat")
+
+            def vectors(rows: np.ndarray) -> np.ndarray:
+                return database[rows]
+        else:
+            index = self.index
+            vectors = self.exact_vectors
+        exact = self.exact_vectors if rerank and not dba else None
+        scores, rows = index.search(queries, max(k, qe), exact=exact, rerank=rerank)
+        if qe:
+            top = rows[:, :qe]
+            valid = top >= 0
+            unique, inverse = np.unique(np.where(valid, top, 0), return_inverse=True)
+            local = np.where(valid, inverse.reshape(top.shape), -1)
+            queries = alpha_qe(queries, vectors(unique), local, min(qe, top.shape[1]), alpha, layout="I")
+            scores, rows = index.search(queries, k, exact=exact, rerank=rerank)
+        return scores[:, :k], rows[:, :k]
+
+    # ------------------------------------------------------------------------------------------ lifetime
+
+    def close(self) -> None:
+        """Release the files (the reader cannot load anything more afterwards)."""
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        if self._index_file is not None:
+            self._index_file.close()
+            self._index_file = None
+
+    def __enter__(self) -> IndexDir:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
