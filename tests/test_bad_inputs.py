@@ -72,7 +72,7 @@ def test_index_refuses_negative_workers_and_max_size(photos, tmp_path):
     assert "--workers" in run("index", photos, "--out", tmp_path / "o", *MODEL, "-j", "-1", code=2)
     for size in ("-5", "100000000000000000000"):  # the huge one was an h5py TypeError traceback
         line = run("index", photos, "--out", tmp_path / "o", *MODEL, "--max-size", size, code=2)
-        assert "--max-size: must be a number of pixels from 1 to 20000" in line
+        assert f"'--max-size': {size} is not in the range 0<=x<=20000 (0 keeps the size)" in line
     assert not (tmp_path / "o").exists()
 
 
@@ -126,10 +126,12 @@ def test_search_a_foreign_or_damaged_meta_json(index_dir, photos, tmp_path, cont
 
 @pytest.mark.parametrize("option, message", [
     (["--qe", "1000"], "--qe: 1000 is more than the"), (["--dba", "1000"], "--dba: 1000 neighbours need more"),
-    (["--alpha", "-1", "--qe", "2"], "--alpha: must be a finite number ≥ 0"),
-    (["--alpha", "nan", "--qe", "2"], "--alpha: must be a finite number ≥ 0"),
-    (["-j", "-1"], "--workers: must be ≥ 0"),
-    (["-b", "0"], "--batch-size: must be at least 1"),
+    (["--alpha", "-1", "--qe", "2"], "'--alpha': -1.0 is not in the range x>=0"),
+    (["--alpha", "nan", "--qe", "2"], "'--alpha': nan is not a finite number in the range x>=0"),
+    (["-j", "-1"], "'--workers': -1 is not in the range x>=0"),
+    (["-b", "0"], "'--batch-size': 0 is not in the range x>=1"),
+    (["-k", "0"], "'--top-k': 0 is not in the range x>=1"), (["--rerank", "-1"], "'--rerank': -1 is not in the range"),
+    (["--dba", "-2"], "'--dba': -2 is not in the range x>=0"),
 ])
 def test_search_refuses_impossible_options(index_dir, photos, option, message):
     assert message in run("search", index_dir, photos / "chelsea_easy_0.jpg", *option, code=2)
@@ -162,9 +164,11 @@ def revisited(tmp_path_factory):
 
 
 @pytest.mark.parametrize("option, message", [
-    (["--max-size", "-5"], "--max-size: must be a number of pixels from 1 to 20000"),
-    (["-b", "0"], "--batch-size: must be at least 1"),
-    (["-j", "-1"], "--workers: must be ≥ 0"), (["--alpha", "inf", "--qe", "1"], "--alpha: must be a finite number"),
+    (["--max-size", "-5"], "'--max-size': -5 is not in the range 0<=x<=20000"),
+    (["-b", "0"], "'--batch-size': 0 is not in the range x>=1"),
+    (["-j", "-1"], "'--workers': -1 is not in the range x>=0"),
+    (["--alpha", "inf", "--qe", "1"], "'--alpha': inf is not a finite number"),
+    (["--qe", "-1"], "'--qe': -1 is not in the range x>=0"),
     (["--whiten-on", "no-such-folder"], "'--whiten-on': Path 'no-such-folder' does not exist"),
 ])
 def test_eval_refuses_bad_options_before_any_work(revisited, tmp_path, option, message):
@@ -222,9 +226,12 @@ def digits(tmp_path_factory):
 
 
 @pytest.mark.parametrize("option, message", [
-    (["--way", "1"], "--way: must be at least 2, got 1"), (["--img-size", "0"], "--img-size: must be from 8 to 20000"),
-    (["--img-size", "100000000000000000000"], "--img-size: must be from 8 to 20000 pixels"),
-    (["--crop-pct", "0"], "--crop-pct: must lie in (0, 1]"), (["--out", "."], "'--out': File '.' is a directory"),
+    (["--way", "1"], "'--way': 1 is not in the range x>=2 (a 1-way episode is always right)"),
+    (["--img-size", "0"], "'--img-size': 0 is not in the range 8<=x<=20000"),
+    (["--img-size", "100000000000000000000"], "'--img-size': 100000000000000000000 is not in the range 8<=x<=20000"),
+    (["--crop-pct", "0"], "'--crop-pct': 0.0 is not in the range 0<x<=1"),
+    (["--crop-pct", "nan"], "'--crop-pct': nan is not a finite number"), (["--seed", "-1"], "'--seed': -1 is not"),
+    (["--out", "."], "'--out': File '.' is a directory"),
 ])
 def test_fewshot_refuses_bad_options_before_any_work(digits, tmp_path, option, message):
     assert message in run("fewshot", digits, *FEW, "--features-dir", tmp_path / "f", *option, code=2)
@@ -287,16 +294,19 @@ def test_attention_on_unreadable_images_names_them(tmp_path):
     assert "no image could be read (fake.jpg: not an image" in line
 
 
-def test_attention_negative_max_size(photos, tmp_path):
+def test_attention_negative_max_size_or_nan_alpha(photos, tmp_path):
     line = run("attention", photos / "chelsea_easy_0.jpg", *MODEL, "--max-size", "-5", "-o", tmp_path / "m", code=2)
-    assert "--max-size: must be a number of pixels from 1 to 20000" in line
+    assert "'--max-size': -5 is not in the range 0<=x<=20000" in line
+    line = run("attention", photos / "chelsea_easy_0.jpg", *MODEL, "--alpha", "nan", "-o", tmp_path / "m", code=2)
+    assert "'--alpha': nan is not a finite number in the range 0<=x<=1" in line  # FloatRange alone let NaN in
+    assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.parametrize("option, message", [
     (["--small", "--model", "resnet50"], "--small sets --model itself"),
-    (["--episodes", "0"], "--episodes: must be at least 1"),
-    (["--image-size", "8"], "--image-size: must be at least 64"),
-    (["--image-size", "100000000000000000000"], "--image-size: must be at most 20000"),
+    (["--episodes", "0"], "'--episodes': 0 is not in the range x>=1"),
+    (["--image-size", "8"], "'--image-size': 8 is not in the range 64<=x<=20000"),
+    (["--image-size", "100000000000000000000"], "'--image-size': 100000000000000000000 is not in the range 64<=x<=20000"),
 ])
 def test_demo_refuses_options_it_would_ignore_or_cannot_use(tmp_path, option, message):
     assert message in run("demo", "-o", tmp_path / "demo", *option, code=2)

@@ -2,6 +2,7 @@
 import argparse
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import timm
@@ -330,3 +331,59 @@ def test_supervised_timm_convnext_checkpoint(tmp_path):
         pooled = pool(trunk.forward_features(IMAGES))
         expected = trunk.head.norm(pooled[:, :, None, None]).flatten(1)
         torch.testing.assert_close(encoder(IMAGES), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_resolve_weights_says_where_weights_come_from(tmp_path):
+    """resolve_weights decides the source (and what it implies) before anything is read or built."""
+    from simret.models import resolve_weights
+
+    random = resolve_weights(None, "test_resnet", 2.0)
+    assert (random.kind, random.label, random.weights_id, random.arch, random.gamma) == (
+        "none", "random init", None, "test_resnet", 2.0)
+    assert not random.reads_file
+    official = resolve_weights("simpool:resnet50-dino-simpool-ep100")  # nothing downloaded: offline is fine
+    assert (official.kind, official.arch, official.gamma, official.weights_id) == (
+        "official", "resnet50", 2.0, "simpool:resnet50-dino-simpool-ep100")
+    assert official.url.endswith("resnet50_dino_simpool_ep100.pth") and official.reads_file
+    assert official.data_config["mean"] == (0.485, 0.456, 0.406)
+    vits = resolve_weights("simpool:vits-dino-simpool-ep300")
+    assert vits.pool_kwargs == {"use_beta": True} and vits.gamma == 1.25
+    with pytest.warns(UserWarning, match="trained with gamma=1.25; using gamma=3.0"):
+        assert resolve_weights("simpool:vits-dino-simpool-ep300", gamma=3.0).gamma == 3.0
+    with pytest.raises(WeightsError, match="is a resnet50, not test_vit"):
+        resolve_weights("simpool:resnet50-dino-simpool-ep100", "test_vit")
+    url = resolve_weights("https://example.org/models/w.pth")
+    assert (url.kind, url.label, url.weights_id) == ("url", "weights w.pth", "https://example.org/models/w.pth")
+    local = resolve_weights(tmp_path / "w.pth", "test_resnet")
+    assert (local.kind, local.path, local.weights_id) == ("file", tmp_path / "w.pth", str(tmp_path / "w.pth"))
+    with pytest.raises(ValueError, match="needs an architecture name"):
+        resolve_weights("timm")
+    with pytest.raises(ValueError, match="unknown timm architecture"):
+        resolve_weights("timm", "resnet_nope")
+    with pytest.raises(TypeError, match="weights must be None"):
+        resolve_weights(3)
+
+
+def test_read_weights_maps_a_file_and_names_it(tmp_path):
+    from simret.models import read_weights, resolve_weights
+
+    trunk = timm.create_model("test_resnet", num_classes=0)
+    path = tmp_path / "trunk.pth"
+    torch.save({"state_dict": trunk.state_dict()}, path)
+    mapped, meta = read_weights(resolve_weights(path, "test_resnet"))
+    assert mapped.source == "plain" and set(mapped.trunk) == set(trunk.state_dict()) and meta == {}
+    torch.save({"epoch": 1}, path)
+    with pytest.raises(WeightsError, match=r"weights .*trunk\.pth: checkpoint holds no tensors"):
+        read_weights(resolve_weights(path))
+    with pytest.raises(ValueError, match="random init is not read from a checkpoint file"):
+        read_weights(resolve_weights(None, "test_resnet"))
+
+
+def test_cache_dir_lives_in_utils(tmp_path, monkeypatch):
+    from simret.models import checkpoints
+    from simret.utils.paths import cache_dir
+
+    monkeypatch.setenv("SIMRET_CACHE", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c" and checkpoints.cache_dir is cache_dir
+    monkeypatch.delenv("SIMRET_CACHE")
+    assert cache_dir() == Path.home() / ".cache" / "simret"

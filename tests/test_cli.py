@@ -107,3 +107,40 @@ def test_verbosity_flags(failing_command):
     verbose = CliRunner().invoke(cli, ["-v", "fail"])
     assert "a debug line" in verbose.output
     assert isinstance(verbose.exception, ValueError)  # -v lets the traceback through
+
+
+def test_model_defaults_import_without_torch():
+    """The command line reads simret.models.defaults (DEFAULT_ARCH) without importing torch."""
+    code = ("import sys\nimport simret.commands.options, simret.models, simret.models.defaults\n"
+            "print('HEAVY', [m for m in ('torch', 'timm', 'faiss', 'numpy', 'PIL') if m in sys.modules])\n"
+            "print('ARCH', simret.models.DEFAULT_ARCH)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out and "ARCH resnet50" in out
+
+
+def test_command_device_prefers_the_command_option():
+    from types import SimpleNamespace
+
+    from simret.commands.options import command_device
+
+    ctx = click.Context(cli, obj=SimpleNamespace(device="cpu"))
+    assert command_device({"device": "cuda:1"}, ctx) == "cuda:1"
+    assert command_device({"device": None}, ctx) == "cpu"
+    assert command_device(ctx=ctx) == "cpu"
+    assert command_device({}, click.Context(cli)) is None  # outside the simret group: nobody asked
+    with click.Context(cli, obj=SimpleNamespace(device="mps")):  # the current context by default
+        assert command_device({}) == "mps"
+
+
+@pytest.mark.parametrize("command, ranges", [
+    ("index", ["--batch-size INTEGER RANGE", "x>=1", "0<=x<=20000", "--workers INTEGER RANGE"]),
+    ("search", ["--alpha FLOAT RANGE", "--top-k INTEGER RANGE"]),
+    ("fewshot", ["8<=x<=20000", "0<x<=1", "x>=2"]),
+    ("demo", ["64<=x<=20000"]),
+])
+def test_help_shows_option_ranges(command, ranges):
+    result = CliRunner().invoke(cli, [command, "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())
+    for text in ranges:
+        assert text in flat, (text, result.output)

@@ -134,3 +134,49 @@ def test_device_and_dtype_follow_the_module():
     with torch.no_grad():
         out = encoder(torch.randn(1, 3, 32, 32, dtype=torch.float64))
     assert out.dtype == torch.float64
+
+
+def test_warnings_point_at_the_caller(tmp_path):
+    """Warnings raised deep inside create_encoder name the line that called it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        create_encoder("test_resnet", gamma=2.0)
+        from simret.models import save_encoder
+
+        save_encoder(create_encoder("test_resnet", gamma=2.0), tmp_path / "e.pth")
+        create_encoder(None, gamma=3.0, weights=tmp_path / "e.pth")
+    messages = {str(w.message).split(" ")[0]: w.filename for w in caught}
+    assert any("RANDOM" in str(w.message) for w in caught) and any("saved with gamma=2.0" in str(w.message)
+                                                                  for w in caught)
+    assert set(messages.values()) == {__file__}, messages
+
+
+def test_timm_pretrained_weights_from_a_cached_file(tmp_path, monkeypatch):
+    """weights="timm" with timm's file in a local cache: the trunk carries those weights, the pooling is random."""
+    import timm
+
+    from simret.models import checkpoints
+
+    source = timm.create_model("test_resnet", num_classes=0)
+    with torch.no_grad():
+        for parameter in source.parameters():
+            parameter.add_(0.5)
+    cached = tmp_path / "test_resnet.pth"
+    torch.save(source.state_dict(), cached)
+    monkeypatch.setattr(checkpoints, "timm_pretrained_file", lambda arch: str(cached))
+    with pytest.warns(RandomWeightsWarning, match="timm's weights cover the test_resnet trunk only"):
+        encoder = create_encoder("test_resnet", gamma=2.0, weights="timm")
+    assert encoder.config["weights"] == "timm:test_resnet"
+    for name, tensor in source.state_dict().items():
+        torch.testing.assert_close(encoder.trunk.state_dict()[name], tensor)
+
+
+def test_default_architecture_rule():
+    from simret.models import DEFAULT_ARCH, arch_or_default
+
+    assert DEFAULT_ARCH == "resnet50"
+    for weights in (None, "none", "random", "timm"):
+        assert arch_or_default(None, weights) == DEFAULT_ARCH
+    assert arch_or_default(None, "simpool:vits-dino-simpool-ep300") is None  # the weights name it
+    assert arch_or_default(None, "ckpt/encoder.safetensors") is None
+    assert arch_or_default("test_vit", "timm") == "test_vit"

@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Tuple
 
 import click
 
-from simret.commands.options import check_max_size, model_options
+from simret.commands.options import MAX_SIZE, FiniteFloatRange, model_options
 
 CMAPS = ["inferno", "viridis", "jet", "gray"]
 
@@ -16,9 +16,10 @@ CMAPS = ["inferno", "viridis", "jet", "gray"]
 @model_options
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for <image>.png (image | overlay) and <image>.npy (the (h, w) map).")
-@click.option("--max-size", default=512, show_default=True, help="Long side of the image fed to the encoder.")
+@click.option("--max-size", type=MAX_SIZE, default=512, show_default=True,
+              help="Long side of the image fed to the encoder.")
 @click.option("--cmap", type=click.Choice(CMAPS), default="inferno", show_default=True, help="Colour map.")
-@click.option("--alpha", default=0.6, show_default=True, type=click.FloatRange(0, 1),
+@click.option("--alpha", default=0.6, show_default=True, type=FiniteFloatRange(0, 1),
               help="Weight of the colour-mapped attention in the overlay.")
 def attention(images: Tuple[Path, ...], model_spec: Dict[str, Any], out: Path, max_size: int, cmap: str,
               alpha: float) -> None:
@@ -43,7 +44,6 @@ def attention(images: Tuple[Path, ...], model_spec: Dict[str, Any], out: Path, m
     from simret.visualize import attention_maps, render_overlay
 
     log = get_logger("simret.attention")
-    check_max_size(max_size)
     if model_spec["pool"] != "simpool":
         raise ValueError(f"attention maps need --pool simpool (got --pool {model_spec['pool']})")
     sources: List[Tuple[Path, str]] = []

@@ -8,6 +8,8 @@ from typing import List, Optional
 
 import click
 
+from simret.commands.options import PixelRange
+
 STEPS = 8
 
 
@@ -17,9 +19,12 @@ STEPS = 8
 @click.option("-m", "--model", "arch", default="resnet18", show_default=True, metavar="ARCH",
               help="timm architecture; the demo always starts from random weights (no network).")
 @click.option("--gamma", default=2.0, show_default=True, type=float, help="SimPool's power-mean exponent.")
-@click.option("--epochs", default=3, show_default=True, help="Fine-tuning epochs on the digits' base classes.")
-@click.option("--episodes", default=600, show_default=True, help="Few-shot episodes per shot.")
-@click.option("--image-size", default=320, show_default=True, help="Long side of the demo photographs.")
+@click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Fine-tuning epochs on the digits' base classes.")
+@click.option("--episodes", type=click.IntRange(min=1), default=600, show_default=True,
+              help="Few-shot episodes per shot.")
+@click.option("--image-size", type=PixelRange(min=64), default=320, show_default=True,
+              help="Long side of the demo photographs.")
 @click.option("--small", is_flag=True, help="Tiny sizes everywhere (what the tests run): seconds, not minutes.")
 def demo(out: Path, arch: str, gamma: float, epochs: int, episodes: int, image_size: int, small: bool) -> None:
     """Run the main jobs end to end, offline, and say what was written where.
@@ -49,13 +54,6 @@ def demo(out: Path, arch: str, gamma: float, epochs: int, episodes: int, image_s
     if small and overridden:
         raise click.UsageError(f"--small sets {', '.join(o.replace('--arch', '--model') for o in overridden)} "
                                f"itself: drop --small or those options")
-    from simret.data.images import MAX_SIDE
-
-    for name, value, low in (("--epochs", epochs, 1), ("--episodes", episodes, 1), ("--image-size", image_size, 64)):
-        if value < low:
-            raise click.BadParameter(f"must be at least {low}, got {value}", param_hint=name)
-    if image_size > MAX_SIDE:
-        raise click.BadParameter(f"must be at most {MAX_SIDE} pixels, got {image_size}", param_hint="--image-size")
     started = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"

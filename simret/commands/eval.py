@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional
 
 import click
 
-from simret.commands.options import check_max_size, model_options
+from simret.commands.options import ALPHA, BATCH_SIZE, MAX_SIZE, NEIGHBOURS, WORKERS, model_options
 
 DISTRACTOR_NAMES = {"r1m": "revisitop1m", "revisitop1m": "revisitop1m"}
 
@@ -18,17 +18,22 @@ DISTRACTOR_NAMES = {"r1m": "revisitop1m", "revisitop1m": "revisitop1m"}
 @model_options
 @click.option("--scales", default="1", show_default=True, metavar="S1,S2,…",
               help="Multi-scale extraction, e.g. 1,0.707,0.5 (averaged, then L2-normalised).")
-@click.option("--max-size", default=1024, show_default=True, help="Long side of each image before scaling.")
+@click.option("--max-size", type=MAX_SIZE, default=1024, show_default=True,
+              help="Long side of each image before scaling.")
 @click.option("--distractors", type=click.Choice(sorted(DISTRACTOR_NAMES)), default=None,
               help="Also evaluate with the R1M distractors (DATA_ROOT/revisitop1m/).")
-@click.option("--qe", default=0, show_default=True, metavar="N", help="Also evaluate with αQE over the top N.")
-@click.option("--dba", default=0, show_default=True, metavar="N", help="Database-side augmentation with N neighbours.")
-@click.option("--alpha", default=3.0, show_default=True, help="Similarity exponent of αQE and αDBA.")
+@click.option("--qe", type=NEIGHBOURS, default=0, show_default=True, metavar="N",
+              help="Also evaluate with αQE over the top N.")
+@click.option("--dba", type=NEIGHBOURS, default=0, show_default=True, metavar="N",
+              help="Database-side augmentation with N neighbours.")
+@click.option("--alpha", type=ALPHA, default=3.0, show_default=True,
+              help="Similarity exponent of αQE and αDBA.")
 @click.option("--whiten-on", default=None, type=click.Path(exists=True), metavar="IMAGES|FILE.h5",
               help="Learn PCA whitening on other images (or a descriptors file) and apply it to everything.")
 @click.option("--half", is_flag=True, help="Mixed-precision extraction.")
-@click.option("-b", "--batch-size", default=16, show_default=True, help="Images per forward pass (same-size images).")
-@click.option("-j", "--workers", default=None, type=int,
+@click.option("-b", "--batch-size", type=BATCH_SIZE, default=16, show_default=True,
+              help="Images per forward pass (same-size images).")
+@click.option("-j", "--workers", type=WORKERS, default=None,
               help="Image-loading worker processes (default: up to 8 beside a GPU, none on a small CPU).")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where descriptors are kept between runs (default: ~/.cache/simret/eval or $SIMRET_CACHE/eval).")
@@ -58,17 +63,6 @@ def evaluate(dataset: str, data_root: Path, model_spec: Dict[str, Any], scales: 
     from simret.retrieval.metrics import format_revisited_table
     from simret.utils.atomic import write_json_atomic
 
-    if qe < 0 or dba < 0:
-        raise ValueError("--qe and --dba take a number of neighbours ≥ 0")
-    if not 0 <= alpha < float("inf"):  # NaN too
-        raise click.BadParameter(f"must be a finite number ≥ 0 (0: plain average), got {alpha:g}",
-                                 param_hint="--alpha")
-    check_max_size(max_size)
-    if batch_size < 1:
-        raise click.BadParameter(f"must be at least 1, got {batch_size}", param_hint="--batch-size")
-    if workers is not None and workers < 0:
-        raise click.BadParameter(f"must be ≥ 0 (0: load images in this process), got {workers}",
-                                 param_hint="--workers")
     settings = EvalSettings(scales=parse_scales(scales), max_size=max_size or None, batch_size=batch_size,
                             workers=workers, half=half, distractors=DISTRACTOR_NAMES.get(distractors or ""),
                             qe=qe, dba=dba, alpha=alpha, whiten_on=whiten_on, cache_dir=cache)

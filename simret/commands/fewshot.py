@@ -6,7 +6,14 @@ from typing import Any, Dict, List, Optional
 
 import click
 
-from simret.commands.options import model_options
+from simret.commands.options import (
+    BATCH_SIZE,
+    WORKERS,
+    FiniteFloatRange,
+    HintedIntRange,
+    PixelRange,
+    model_options,
+)
 
 DEFAULT_METHODS = "simpleshot"
 
@@ -21,25 +28,32 @@ DEFAULT_METHODS = "simpleshot"
 @click.option("--base-split", default="train", show_default=True, metavar="NAME",
               help="The split whose mean feature SimpleShot (CL2N) and softkmeans subtract, when present.")
 @model_options
-@click.option("--img-size", type=int, default=None, metavar="PX",
+@click.option("--img-size", type=PixelRange(min=8), default=None, metavar="PX",
               help="Square input size (resize + centre crop); default: the encoder's. 84 suits miniImageNet.")
-@click.option("--crop-pct", type=float, default=None, metavar="F",
+@click.option("--crop-pct", type=FiniteFloatRange(0, 1, min_open=True, hint="1.0: no crop"), default=None,
+              metavar="F",
               help="Centre-crop fraction: resize to PX/F, crop PX (default: the encoder's; 1.0 = no crop).")
-@click.option("--way", "n_way", type=int, default=5, show_default=True, help="Classes per episode.")
+@click.option("--way", "n_way", type=HintedIntRange(min=2, hint="a 1-way episode is always right"), default=5,
+              show_default=True, help="Classes per episode.")
 @click.option("--shot", "shots", default="1,5", show_default=True, metavar="K[,K…]",
               help="Support images per class; a comma list runs each.")
-@click.option("--query", "n_query", type=int, default=15, show_default=True, help="Query images per class.")
-@click.option("--episodes", "n_episodes", type=int, default=2000, show_default=True, help="Episodes per shot.")
+@click.option("--query", "n_query", type=click.IntRange(min=1), default=15, show_default=True,
+              help="Query images per class.")
+@click.option("--episodes", "n_episodes", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="Episodes per shot.")
 @click.option("--method", "methods", default=DEFAULT_METHODS, show_default=True, metavar="NAME[,NAME…]",
               help="simpleshot, protonet, cosine, logreg, softkmeans (comma list).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Episode seed: same seed, same episodes.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Episode seed: same seed, same episodes.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE.json",
               help="Also write the results (fractions, not percent) and their provenance as JSON.")
 @click.option("--features-dir", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
               help="Where features-<split>.h5 banks are kept and reused (default: a folder per dataset and "
                    "encoder under $SIMRET_CACHE or ~/.cache/simret/fewshot).")
-@click.option("-b", "--batch-size", type=int, default=64, show_default=True, help="Images per forward pass.")
-@click.option("-j", "--workers", type=int, default=2, show_default=True, help="Image-loading worker processes.")
+@click.option("-b", "--batch-size", type=BATCH_SIZE, default=64, show_default=True,
+              help="Images per forward pass.")
+@click.option("-j", "--workers", type=WORKERS, default=2, show_default=True,
+              help="Image-loading worker processes.")
 @click.pass_context
 def fewshot(ctx: click.Context, split_root: Path, split_format: str, split: str, base_split: str,
             model_spec: Dict[str, Any], img_size: Optional[int], crop_pct: Optional[float], n_way: int, shots: str,
@@ -61,18 +75,6 @@ def fewshot(ctx: click.Context, split_root: Path, split_format: str, split: str,
     """
     shot_list = _int_list(shots, "--shot")
     method_list = _method_list(methods)
-    for name, value, low in (("--way", n_way, 2), ("--query", n_query, 1), ("--episodes", n_episodes, 1),
-                             ("--batch-size", batch_size, 1), ("--workers", workers, 0), ("--seed", seed, 0)):
-        if value < low:
-            raise click.BadParameter(f"must be at least {low}, got {value}"
-                                     + (" (a 1-way episode is always right)" if name == "--way" else ""),
-                                     param_hint=name)
-    from simret.data.images import MAX_SIDE
-
-    if img_size is not None and not 8 <= img_size <= MAX_SIDE:
-        raise click.BadParameter(f"must be from 8 to {MAX_SIDE} pixels, got {img_size}", param_hint="--img-size")
-    if crop_pct is not None and not 0 < crop_pct <= 1:
-        raise click.BadParameter(f"must lie in (0, 1] (1.0: no crop), got {crop_pct:g}", param_hint="--crop-pct")
 
     from simret.commands.options import build_encoder
     from simret.fewshot.experiment import FewShotSettings, load_splits, run_fewshot

@@ -5,7 +5,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import click
 
-from simret.commands.options import check_max_size, lock_timeout_option, model_options
+from simret.commands.options import BATCH_SIZE, MAX_SIZE, WORKERS, command_device, lock_timeout_option, model_options
 
 INDEX_KINDS = ["auto", "flat", "ivfpq", "hnsw", "none"]
 
@@ -30,7 +30,7 @@ def _index_params(pairs: Tuple[str, ...]) -> Dict[str, int]:
 @click.option("--scales", default="1", show_default=True, metavar="S1,S2,…",
               help="Multi-scale extraction, e.g. 1,0.707,0.5 (each applied to the max-size image; descriptors "
                    "are averaged, then L2-normalised).")
-@click.option("--max-size", type=int, default=1024, show_default=True,
+@click.option("--max-size", type=MAX_SIZE, default=1024, show_default=True,
               help="Long side of each image before scaling (smaller images are not enlarged); 0 keeps the size.")
 @click.option("--index", "kind", type=click.Choice(INDEX_KINDS), default="auto", show_default=True,
               help="FAISS index: exact flat, compressed ivfpq, graph hnsw, or auto (flat up to 200k images, "
@@ -45,8 +45,9 @@ def _index_params(pairs: Tuple[str, ...]) -> Dict[str, int]:
               help="Learn the whitening on other images (folder or list) or on a descriptors file.")
 @click.option("--whiten-dim", type=int, default=None, help="Keep this many whitened dimensions (default: all).")
 @click.option("--half", is_flag=True, help="Mixed-precision extraction and float16 descriptors on disk.")
-@click.option("-b", "--batch-size", type=int, default=16, show_default=True, help="Images per forward pass.")
-@click.option("-j", "--workers", type=int, default=None,
+@click.option("-b", "--batch-size", type=BATCH_SIZE, default=16, show_default=True,
+              help="Images per forward pass.")
+@click.option("-j", "--workers", type=WORKERS, default=None,
               help="Image-loading worker processes (default: up to 8 beside a GPU; on a CPU, none on ≤ 2 cores).")
 @click.option("--append", is_flag=True,
               help="Add the images to the existing index (same whitening, no retraining); images of it that "
@@ -59,7 +60,7 @@ def _index_params(pairs: Tuple[str, ...]) -> Dict[str, int]:
               help="Also compare file contents (SHA-256), not only sizes and modification times, to find images "
                    "replaced in place; the digests are stored.")
 @lock_timeout_option
-@click.option("--checkpoint-every", type=int, default=2048, show_default=True,
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=2048, show_default=True,
               help="Save finished descriptors every N images, so an interrupted run resumes there.")
 @click.pass_context
 def index(ctx: click.Context, images: str, out: str, model_spec: Dict[str, Any], scales: str, max_size: int,
@@ -94,14 +95,6 @@ def index(ctx: click.Context, images: str, out: str, model_spec: Dict[str, Any],
     from simret.retrieval.indexdir import IndexSettings, build_index
     from simret.utils import progress
 
-    if batch_size < 1:
-        raise click.BadParameter("must be at least 1", param_hint="--batch-size")
-    if workers is not None and workers < 0:
-        raise click.BadParameter(f"must be ≥ 0 (0: load images in this process), got {workers}",
-                                 param_hint="--workers")
-    check_max_size(max_size)
-    if checkpoint_every < 1:
-        raise click.BadParameter("must be at least 1", param_hint="--checkpoint-every")
     if append and overwrite:
         raise click.UsageError("--append and --overwrite exclude each other")
     if append:
@@ -124,7 +117,7 @@ def index(ctx: click.Context, images: str, out: str, model_spec: Dict[str, Any],
     listing = list_images(images)  # an empty or wrong folder fails before any model is built
 
     other_rank = quiet_unless_main()  # under torchrun only rank 0 prints
-    device = model_spec.get("device") or (getattr(ctx.obj, "device", None) if ctx.obj else None)
+    device = command_device(model_spec, ctx)
     with distributed_session(device) as session:
         if session.distributed:  # each rank on its own device (cuda:LOCAL_RANK, or the CPU)
             model_spec = {**model_spec, "device": str(session.device)}

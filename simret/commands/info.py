@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from simret.commands.options import command_device
+
 
 @click.command(short_help="Versions, devices, FAISS GPU support, known official checkpoints.")
 @click.option("--checkpoints", is_flag=True, help="Also list the official SimPool checkpoints (weights=simpool:NAME).")
@@ -28,7 +30,7 @@ def info(ctx: click.Context, checkpoints: bool) -> None:
     rows.append(("cpu threads", str(torch.get_num_threads())))
     from simret.utils.devices import resolve_device
 
-    asked = getattr(ctx.obj, "device", None) or "auto"
+    asked = command_device(ctx=ctx) or "auto"
     try:
         rows.append(("device", f"{asked} -> {resolve_device(asked)}"))
     except ValueError as err:

@@ -1,14 +1,86 @@
-"""Options shared by the commands that build an encoder (``index``, ``eval``, ``fewshot`` …)."""
+"""What the commands share: the encoder options (``model_options``), the device a command runs on
+(``command_device``), and the option types of bounded numbers, whose ranges ``--help`` shows."""
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, Optional
+import math
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import click
 
+from simret.models.defaults import DEFAULT_ARCH
+
 POOL_CHOICES = ["simpool", "avg", "max", "gem", "cls"]
-DEFAULT_ARCH = "resnet50"
 DEVICE_METAVAR = "auto|cpu|cuda[:N]|mps"
+
+
+# ------------------------------------------------------------------------------------- number ranges
+
+
+class _Hinted:
+    """Mixin for click's range types: the error message ends with what the bounds mean (``hint``)."""
+
+    def __init__(self, *args: Any, hint: str = "", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hint = hint
+
+    def fail(self, message: str, param: Optional[click.Parameter] = None, ctx: Optional[click.Context] = None):
+        super().fail(f"{message.rstrip('.')} ({self.hint})." if self.hint else message, param, ctx)
+
+
+class HintedIntRange(_Hinted, click.IntRange):
+    """``click.IntRange(min, max, hint=...)``: a range error says what the bounds mean."""
+
+
+class FiniteFloatRange(_Hinted, click.FloatRange):
+    """``click.FloatRange(min, max, hint=...)`` that also refuses NaN and ±inf (``FloatRange`` lets NaN
+    through every bound)."""
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> float:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number in the range {self._describe_range()}.", param, ctx)
+        return number
+
+
+class PixelRange(HintedIntRange):
+    """A number of pixels from ``min`` up to ``simret.data.images.MAX_SIDE``, the longest side simret reads.
+
+    The bound is looked up when the range is first shown or checked, so declaring an option with this type
+    imports no image library (``simret --help`` stays light).
+    """
+
+    def __init__(self, min: int, *, hint: str = "") -> None:
+        super().__init__(min=min, hint=hint)
+
+    def _with_max(self) -> None:
+        if self.max is None:
+            from simret.data.images import MAX_SIDE
+
+            self.max = MAX_SIDE
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> int:
+        self._with_max()
+        return super().convert(value, param, ctx)
+
+    def _describe_range(self) -> str:
+        self._with_max()
+        return super()._describe_range()
+
+
+BATCH_SIZE = click.IntRange(min=1)
+"""``--batch-size``: images per forward pass (or per step)."""
+WORKERS = HintedIntRange(min=0, hint="0: load images in this process")
+"""``--workers``: image-loading processes."""
+MAX_SIZE = PixelRange(min=0, hint="0 keeps the size")
+"""``--max-size``: the long side images are resized to."""
+NEIGHBOURS = click.IntRange(min=0)
+"""``--qe``, ``--dba``: a number of neighbours, 0 for off."""
+ALPHA = FiniteFloatRange(min=0, hint="0: plain average")
+"""``--alpha``: the similarity exponent of αQE and αDBA."""
+
+
+# ------------------------------------------------------------------------------------------ devices
 
 
 def check_device_name(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:
@@ -23,13 +95,20 @@ def check_device_name(ctx: click.Context, param: click.Parameter, value: Optiona
     return name
 
 
-def check_max_size(max_size: int) -> None:
-    """A usage error for a ``--max-size`` no image can have (negative, or past the longest side simret reads)."""
-    from simret.data.images import MAX_SIDE
+def command_device(model_spec: Optional[Mapping[str, Any]] = None,
+                   ctx: Optional[click.Context] = None) -> Optional[str]:
+    """The device name a command was asked to run on: its own ``--device`` (in ``model_spec``), else
+    ``simret --device``; None when neither was given (a command invoked outside the ``simret`` group).
 
-    if not 0 <= max_size <= MAX_SIDE:
-        raise click.BadParameter(f"must be a number of pixels from 1 to {MAX_SIDE} (0 keeps the size), got "
-                                 f"{max_size}", param_hint="--max-size")
+    ``ctx`` defaults to the current click context; ``resolve_device`` turns the name (None: auto) into a
+    ``torch.device``.
+    """
+    ctx = ctx or click.get_current_context(silent=True)
+    asked = (model_spec or {}).get("device")
+    return asked or (getattr(ctx.obj, "device", None) if ctx is not None and ctx.obj is not None else None)
+
+
+# ------------------------------------------------------------------------------------------ encoder
 
 
 def model_options(command: Callable) -> Callable:
@@ -41,7 +120,7 @@ def model_options(command: Callable) -> Callable:
         click.option("-m", "--model", "arch", default=None, metavar="ARCH",
                      help="Any timm architecture (resnet50, convnext_small, vit_small_patch16_224 …; a .tag "
                           "suffix picks timm pretrained weights). Default: the one an official checkpoint or a "
-                          "simret-saved file names, else resnet50."),
+                          f"simret-saved file names, else {DEFAULT_ARCH}."),
         click.option("--pool", type=click.Choice(POOL_CHOICES), default="simpool", show_default=True,
                      help="Global pooling of the trunk's features."),
         click.option("--gamma", type=float, default=None, metavar="G",
@@ -69,17 +148,14 @@ def model_options(command: Callable) -> Callable:
 
 def build_encoder(model_spec: Dict[str, Any], ctx: Optional[click.Context] = None):
     """``(encoder on its device, device)`` from the options collected by ``model_options``."""
-    from simret.models import create_encoder
+    from simret.models import arch_or_default, create_encoder
     from simret.utils.devices import resolve_device
 
-    ctx = ctx or click.get_current_context(silent=True)
-    device_name = model_spec.get("device") or (getattr(ctx.obj, "device", None) if ctx and ctx.obj else None)
-    device = resolve_device(device_name or "auto")
+    device = resolve_device(command_device(model_spec, ctx) or "auto")
     weights = model_spec.get("weights")
     weights = None if weights in (None, "none", "random") else weights
-    arch = model_spec.get("arch")
-    if arch is None and weights in (None, "timm"):
-        arch = DEFAULT_ARCH  # files and official checkpoints name their own architecture
+    # files and official checkpoints name their own architecture
+    arch = arch_or_default(model_spec.get("arch"), weights)
     encoder = create_encoder(arch, pool=model_spec.get("pool", "simpool"), gamma=model_spec.get("gamma"),
                              weights=weights, checkpoint_key=model_spec.get("checkpoint_key"))
     return encoder.to(device), device

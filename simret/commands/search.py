@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import click
 
-from simret.commands.options import model_options
+from simret.commands.options import ALPHA, BATCH_SIZE, NEIGHBOURS, WORKERS, command_device, model_options
 
 FORMATS = ["table", "jsonl", "tsv"]
 
@@ -29,24 +29,28 @@ def _parse_bbox(text: Optional[str]) -> Optional[Tuple[float, float, float, floa
 @click.command(short_help="Search an index with query images; ranked ids and scores on stdout.")
 @click.argument("index_dir", metavar="DIR", type=click.Path(exists=True, file_okay=False))
 @click.argument("queries", metavar="[QUERY]...", nargs=-1, type=click.Path(exists=True))
-@click.option("-k", "--top-k", "k", type=int, default=10, show_default=True, help="Results per query.")
+@click.option("-k", "--top-k", "k", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Results per query.")
 @click.option("--bbox", default=None, metavar="x1,y1,x2,y2",
               help="Crop every query image to this box (pixels, as PIL.Image.crop: a part past the border is black) before describing it (Revisited queries).")
 @click.option("--descriptors", "descriptor_file", type=click.Path(exists=True, dir_okay=False), default=None,
               metavar="FILE.h5", help="Query with stored descriptors (a simret descriptors.h5 with a fingerprint) "
                                       "instead of images.")
-@click.option("--qe", type=int, default=0, show_default=True, metavar="N",
+@click.option("--qe", type=NEIGHBOURS, default=0, show_default=True, metavar="N",
               help="α-query expansion over the top N results (0: off).")
-@click.option("--alpha", type=float, default=3.0, show_default=True, help="Similarity exponent of --qe and --dba.")
-@click.option("--dba", type=int, default=0, show_default=True, metavar="N",
+@click.option("--alpha", type=ALPHA, default=3.0, show_default=True,
+              help="Similarity exponent of --qe and --dba.")
+@click.option("--dba", type=NEIGHBOURS, default=0, show_default=True, metavar="N",
               help="Database-side augmentation with N neighbours (computed over the whole index at search time).")
-@click.option("--rerank", type=int, default=16, show_default=True, metavar="R",
+@click.option("--rerank", type=click.IntRange(min=0), default=16, show_default=True, metavar="R",
               help="ivfpq indexes: re-score the top k·R candidates with the exact stored descriptors (0: off).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
               help="table for people; jsonl: {\"query\", \"ids\", \"scores\"} per line; tsv: query, rank, id, score.")
 @model_options
-@click.option("-b", "--batch-size", type=int, default=16, show_default=True, help="Query images per forward pass.")
-@click.option("-j", "--workers", type=int, default=0, show_default=True, help="Image-loading worker processes.")
+@click.option("-b", "--batch-size", type=BATCH_SIZE, default=16, show_default=True,
+              help="Query images per forward pass.")
+@click.option("-j", "--workers", type=WORKERS, default=0, show_default=True,
+              help="Image-loading worker processes.")
 @click.pass_context
 def search(ctx: click.Context, index_dir: str, queries: Tuple[str, ...], k: int, bbox: Optional[str],
            descriptor_file: Optional[str], qe: int, alpha: float, dba: int, rerank: int, fmt: str,
@@ -69,18 +73,6 @@ def search(ctx: click.Context, index_dir: str, queries: Tuple[str, ...], k: int,
     from simret.utils.logs import get_logger
 
     log = get_logger("simret.commands.search")
-    if k < 1:
-        raise click.BadParameter("must be at least 1", param_hint="-k")
-    if qe < 0 or dba < 0 or rerank < 0:
-        raise click.BadParameter("must be ≥ 0", param_hint="--qe/--dba/--rerank")
-    if not 0 <= alpha < float("inf"):  # NaN too
-        raise click.BadParameter(f"must be a finite number ≥ 0 (0: plain average), got {alpha:g}",
-                                 param_hint="--alpha")
-    if batch_size < 1:
-        raise click.BadParameter(f"must be at least 1, got {batch_size}", param_hint="--batch-size")
-    if workers < 0:
-        raise click.BadParameter(f"must be ≥ 0 (0: load images in this process), got {workers}",
-                                 param_hint="--workers")
     if bool(queries) == bool(descriptor_file):
         raise click.UsageError("give query images or --descriptors FILE.h5 (one of the two)")
     box = _parse_bbox(bbox)
@@ -110,8 +102,7 @@ def _faiss_on_gpu(ctx: click.Context, index, model_spec: Dict[str, Any], log) ->
     """With a CUDA device and a FAISS built with GPU support, search on the GPU (flat and ivfpq)."""
     from simret.utils.devices import resolve_device
 
-    name = model_spec.get("device") or (getattr(ctx.obj, "device", None) if ctx.obj is not None else None)
-    device = resolve_device(name or "auto")
+    device = resolve_device(command_device(model_spec, ctx) or "auto")
     if device.type != "cuda" or index.meta["index"]["kind"] == "hnsw":
         return
     try:

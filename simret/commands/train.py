@@ -5,7 +5,7 @@ from typing import Any, Dict, Optional
 
 import click
 
-from simret.commands.options import model_options
+from simret.commands.options import command_device, model_options
 
 
 @click.command(short_help="Fine-tune an encoder on labelled images (one process, or many with torchrun).")
@@ -82,7 +82,7 @@ def train(ctx: click.Context, data: str, out: str, split: Optional[str], model_s
     from simret.utils.distributed import quiet_unless_main
 
     other_rank = quiet_unless_main()
-    device = model_spec.get("device") or (getattr(ctx.obj, "device", None) if ctx.obj else None)
+    device = command_device(model_spec, ctx)
     config = TrainConfig(
         data=data, out=out, split=split, arch=model_spec.get("arch"), pool=model_spec.get("pool", "simpool"),
         gamma=model_spec.get("gamma"), weights=model_spec.get("weights"),

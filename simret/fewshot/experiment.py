@@ -198,7 +198,7 @@ def default_features_dir(root: PathLike, split_format: str, fingerprint: str, pr
     """``<cache>/fewshot/<dataset name>-<hash of its path>/<fingerprint>-<size>px-crop<pct>``."""
     import hashlib
 
-    from simret.models.checkpoints import cache_dir
+    from simret.utils.paths import cache_dir
 
     resolved = Path(root).expanduser().resolve()
     digest = hashlib.blake2b(f"{resolved}|{split_format}".encode(), digest_size=4).hexdigest()

@@ -19,10 +19,11 @@ import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 from urllib.parse import urlparse
 
 from simret.utils.logs import get_logger
+from simret.utils.paths import cache_dir  # its home; still importable from here
 
 log = get_logger(__name__)
 
@@ -116,11 +117,6 @@ def official_checkpoint(spec: str) -> Optional[OfficialCheckpoint]:
 
 
 # ------------------------------------------------------------------------------------------ network
-
-
-def cache_dir() -> Path:
-    """Where downloaded weights live: ``$SIMRET_CACHE`` or ``~/.cache/simret``."""
-    return Path(os.environ.get("SIMRET_CACHE", Path.home() / ".cache" / "simret")).expanduser()
 
 
 def _first_hop(host: str, port: int) -> Tuple[str, int]:
@@ -404,3 +400,148 @@ def describe_key_mismatch(missing: List[str], unexpected: List[str], where: str)
     if unexpected:
         parts.append(f"not used by the model ({len(unexpected)}): {_name_keys(unexpected)}")
     return f"weights do not fit the {where}: " + "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------- sources
+
+WeightsSpec = Union[None, str, Path]
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where an encoder's weights come from, and what that source implies (``resolve_weights``).
+
+    Attributes:
+        kind: ``none`` (random init), ``timm`` (timm's pretrained trunk), ``official`` (an official SimPool
+            checkpoint), ``url`` (a file to download) or ``file`` (a local file).
+        label: how messages name the weights (``random init``, ``timm pretrained resnet50``,
+            ``official SimPool checkpoint <name>``, ``weights <file>``).
+        weights_id: what the encoder records as its weights: None (random init), ``timm:<arch>``,
+            ``simpool:<name>``, the URL or the path.
+        arch: the architecture asked for or named by the source (official checkpoints); None when only the
+            weights file can tell (files written by ``save_encoder``).
+        gamma: SimPool's gamma asked for, else the official checkpoint's.
+        pool_kwargs: pooling arguments the source implies (``use_beta`` of official checkpoints); the
+            caller's own take precedence.
+        data_config: preprocessing the source implies (an official checkpoint's ``mean`` and ``std``).
+        official: the registry entry of an ``official`` source.
+        url: what ``read_weights`` downloads (into the cache) for ``official`` and ``url`` sources.
+        path: the local file of a ``file`` source.
+        timm_file: ``timm`` sources: a cached copy of timm's weights, or None when timm downloads them.
+    """
+
+    kind: str
+    label: str
+    weights_id: Optional[str] = None
+    arch: Optional[str] = None
+    gamma: Optional[float] = None
+    pool_kwargs: Dict[str, Any] = field(default_factory=dict)
+    data_config: Dict[str, Any] = field(default_factory=dict)
+    official: Optional[OfficialCheckpoint] = None
+    url: Optional[str] = None
+    path: Optional[Path] = None
+    timm_file: Optional[str] = None
+
+    @property
+    def reads_file(self) -> bool:
+        """True when the weights come from a checkpoint file (``read_weights`` reads it)."""
+        return self.kind in ("official", "url", "file")
+
+
+def _is_path_like(weights: WeightsSpec) -> bool:
+    if isinstance(weights, Path):
+        return True
+    text = str(weights)
+    return text.endswith((".pth", ".pt", ".tar", ".bin", ".safetensors", ".ckpt")) or "/" in text or "\\" in text
+
+
+def check_arch(arch: str) -> None:
+    """Raise ``ValueError`` naming similar architectures when timm does not know ``arch``."""
+    import timm
+
+    if not timm.is_model(arch.split(".")[0]):
+        close = timm.list_models(f"*{arch.split('.')[0].split('_')[0]}*")[:8]
+        hint = f"; similar: {', '.join(close)}" if close else ""
+        raise ValueError(f"unknown timm architecture {arch!r}{hint}")
+
+
+def resolve_weights(weights: WeightsSpec, arch: Optional[str] = None,
+                    gamma: Optional[float] = None) -> WeightsSource:
+    """Where ``weights`` come from, decided before anything is read or built; ``read_weights`` reads them.
+
+    Args:
+        weights: None (random init), ``"timm"`` (timm's pretrained trunk), ``"simpool:<name>"`` (an official
+            SimPool checkpoint), an ``http(s)://`` URL, or the path of a local file.
+        arch: the architecture asked for (None: the one the weights name).
+        gamma: SimPool's gamma asked for (None: the official checkpoint's, if any).
+
+    Nothing is downloaded here; timm weights are looked up in the local caches (and the hosts probed) so
+    that an offline machine fails now, clearly.
+
+    Raises:
+        TypeError: ``weights`` of another type.
+        ValueError: ``"timm"`` without an architecture, or an architecture timm does not know.
+        WeightsError: an unknown name, or an official checkpoint of another architecture.
+        WeightsUnavailableError: timm's weights are neither cached nor reachable.
+    """
+    if weights is not None and not isinstance(weights, (str, Path)):
+        raise TypeError(f"weights must be None, 'timm', 'simpool:<name>' or a path, got {type(weights).__name__}")
+    if weights is None:
+        return WeightsSource("none", "random init", arch=arch, gamma=gamma)
+    spec = str(weights)
+    if spec == "timm":
+        if arch is None:
+            raise ValueError("weights='timm' needs an architecture name")
+        check_arch(arch)  # an unknown name is a typo, not a weights problem
+        return WeightsSource("timm", f"timm pretrained {arch}", f"timm:{arch}", arch, gamma,
+                             timm_file=timm_pretrained_file(arch))
+    official = None if _is_path_like(weights) else official_checkpoint(spec)
+    if official is not None:
+        return _official_source(official, arch, gamma)
+    if spec.startswith(("http://", "https://")):
+        return WeightsSource("url", f"weights {Path(urlparse(spec).path).name}", spec, arch, gamma, url=spec)
+    if not _is_path_like(weights) and ":" not in spec and not Path(spec).exists():
+        raise WeightsError(f"weights {spec!r} is neither 'timm', an official SimPool checkpoint name "
+                           f"(simpool:<name>) nor an existing file")
+    path = Path(spec).expanduser()
+    return WeightsSource("file", f"weights {path}", str(path), arch, gamma, path=path)
+
+
+def _official_source(official: OfficialCheckpoint, arch: Optional[str], gamma: Optional[float]) -> WeightsSource:
+    """An official checkpoint names its architecture, gamma, beta and normalisation."""
+    if arch is not None and arch.split(".")[0] != official.arch:
+        raise WeightsError(f"official checkpoint {official.name!r} is a {official.arch}, not {arch}")
+    if gamma is None:
+        gamma = official.gamma
+    elif gamma != official.gamma:  # stacklevel: the caller of create_encoder
+        warnings.warn(f"{official.name} was trained with gamma={official.gamma}; using gamma={gamma}", stacklevel=4)
+    return WeightsSource(
+        "official", f"official SimPool checkpoint {official.name}", f"simpool:{official.name}", official.arch, gamma,
+        pool_kwargs={"use_beta": True} if official.use_beta and gamma is not None else {},
+        data_config={"mean": official.mean, "std": official.std}, official=official, url=official.url)
+
+
+def read_weights(source: WeightsSource, checkpoint_key: Optional[str] = None) -> Tuple[MappedWeights, Dict[str, Any]]:
+    """Read the checkpoint of a file, URL or official source (downloading it into the cache if need be):
+    ``(its weights split onto trunk and pooling, the simret metadata of a save_encoder file or {})``.
+
+    ``checkpoint_key`` picks the entry holding the weights (files written by ``save_encoder`` know theirs).
+
+    Raises:
+        ValueError: ``source`` is not read from a file (random init, timm).
+        WeightsUnavailableError: the file has to be downloaded and its host cannot be reached.
+        WeightsError, WeightsNotFoundError: as ``read_checkpoint``; errors name the source.
+    """
+    if not source.reads_file:
+        raise ValueError(f"{source.label} is not read from a checkpoint file")
+    path = source.path
+    if source.url is not None:
+        what = (f"official SimPool checkpoint {source.official.name!r}" if source.official is not None
+                else f"weights {source.url}")
+        path = fetch_url(source.url, what=what)
+    obj, meta = read_checkpoint(path)
+    try:
+        state = unwrap_state_dict(obj, checkpoint_key if not meta else "state_dict" if "state_dict" in obj else None)
+    except WeightsError as err:  # name the file: "checkpoint holds no tensors" alone leaves one guessing
+        raise WeightsError(f"{source.label}: {err}") from None
+    return map_checkpoint(state), meta

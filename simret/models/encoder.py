@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -18,15 +19,13 @@ from torch import nn
 from simret.models.checkpoints import (
     SIMRET_FORMAT_KEY,
     MappedWeights,
-    OfficialCheckpoint,
     WeightsError,
+    WeightsSource,
+    WeightsSpec,
+    check_arch,
     describe_key_mismatch,
-    fetch_url,
-    map_checkpoint,
-    official_checkpoint,
-    read_checkpoint,
-    timm_pretrained_file,
-    unwrap_state_dict,
+    read_weights,
+    resolve_weights,
 )
 from simret.models.pooling import create_pool, pool_uses_prefix_tokens
 from simret.utils.atomic import atomic_path
@@ -35,7 +34,6 @@ from simret.utils.logs import get_logger
 log = get_logger(__name__)
 
 Tensor = torch.Tensor
-WeightsSpec = Union[None, str, Path]
 
 
 class RandomWeightsWarning(UserWarning):
@@ -203,11 +201,97 @@ class Encoder(nn.Module):
 # --------------------------------------------------------------------------------------- factory
 
 
-def _is_path_like(weights: WeightsSpec) -> bool:
-    if isinstance(weights, Path):
-        return True
-    text = str(weights)
-    return text.endswith((".pth", ".pt", ".tar", ".bin", ".safetensors", ".ckpt")) or "/" in text or "\\" in text
+def create_encoder(
+    arch: Optional[str],
+    pool: str = "simpool",
+    gamma: Optional[float] = None,
+    weights: WeightsSpec = None,
+    *,
+    pool_kwargs: Optional[Dict[str, Any]] = None,
+    checkpoint_key: Optional[str] = None,
+    seed: int = 0,
+    **timm_kwargs: Any,
+) -> Encoder:
+    """Build an ``Encoder``: a timm trunk (``arch``) with ``pool`` as its global pooling.
+
+    Args:
+        arch: any timm model name (``resnet50``, ``convnext_small``, ``vit_small_patch16_224``…, a
+            ``.tag`` suffix picks timm pretrained weights). May be None when ``weights`` names an official
+            SimPool checkpoint or a file saved by simret, which carry their architecture.
+        pool: ``simpool`` (default), ``avg``, ``max``, ``gem`` or ``cls`` (ViTs).
+        gamma: SimPool's power-mean exponent (2.0 for CNNs, 1.25 for ViTs in the paper); None = plain mean.
+        weights: ``None`` random init (deterministic from ``seed``, with a warning, no network);
+            ``"timm"`` timm's pretrained trunk (fails fast and clearly when it cannot be fetched);
+            ``"simpool:<name>"`` an official SimPool checkpoint (see ``list_official_checkpoints``);
+            an ``http(s)://`` URL (downloaded once into the cache); a path to ``.pth/.pt/.tar/.safetensors`` — official SimPool DINO or supervised checkpoints,
+            timm/torchvision trunk checkpoints, or files written by ``save_encoder``.
+        pool_kwargs: extra pooling arguments (``num_heads``, ``use_beta`` for SimPool; ``p`` for GeM).
+        checkpoint_key: which entry of a checkpoint dict holds the weights (default: ``teacher`` for DINO,
+            then ``state_dict``, ``model`` …).
+        seed: seed for every randomly initialised parameter.
+        **timm_kwargs: passed to ``timm.create_model`` (``img_size``, ``drop_path_rate`` …).
+    """
+    source = resolve_weights(weights, arch, gamma)
+    plan = _plan_encoder(source, pool, pool_kwargs, timm_kwargs, checkpoint_key)
+    trunk, pooling = _build_modules(plan, source, seed)
+    _load_weights(trunk, pooling, plan, source, seed)
+    return _wrap(trunk, pooling, plan, source, seed)
+
+
+@dataclass
+class _EncoderPlan:
+    """What ``create_encoder`` builds: the caller's arguments settled with what the weights imply."""
+
+    arch: Optional[str]
+    pool: str
+    gamma: Optional[float]
+    pool_kwargs: Dict[str, Any]
+    timm_kwargs: Dict[str, Any]
+    data_config: Dict[str, Any]  # preprocessing that overrides timm's defaults for the trunk
+    mapped: Optional[MappedWeights] = None  # the checkpoint's weights, for sources read from a file
+
+    @property
+    def pool_args(self) -> Dict[str, Any]:
+        """The arguments of ``create_pool`` (``gamma`` included)."""
+        return _pool_kwargs(self.pool, self.gamma, self.pool_kwargs)
+
+
+def _plan_encoder(source: WeightsSource, pool: str, pool_kwargs: Optional[Dict[str, Any]],
+                  timm_kwargs: Dict[str, Any], checkpoint_key: Optional[str]) -> _EncoderPlan:
+    """Settle the configuration: the caller's arguments, the source's implications, then (for checkpoint
+    files) the file's own: a ``save_encoder`` file's saved configuration, the layout's trunk arguments."""
+    plan = _EncoderPlan(source.arch, pool, source.gamma, {**source.pool_kwargs, **(pool_kwargs or {})},
+                        dict(timm_kwargs), dict(source.data_config))
+    if source.reads_file:
+        plan.mapped, file_meta = read_weights(source, checkpoint_key)
+        if file_meta:
+            _merge_saved_config(plan, file_meta, source.label)
+        if plan.mapped.source != "simret" and plan.pool == "simpool" and "beta" in plan.mapped.pool:
+            plan.pool_kwargs.setdefault("use_beta", True)
+        for key, value in plan.mapped.trunk_kwargs.items():
+            plan.timm_kwargs.setdefault(key, value)
+    if plan.arch is None:
+        raise ValueError("an architecture name is needed: this weights file does not name one "
+                         "(pass arch=..., --model ARCH on the command line)")
+    return plan
+
+
+def _merge_saved_config(plan: _EncoderPlan, meta: Dict[str, Any], label: str) -> None:
+    """The configuration of a file written by ``save_encoder`` wins where the caller left defaults."""
+    saved_arch = meta.get("arch")
+    if plan.arch is not None and saved_arch and plan.arch.split(".")[0] != saved_arch.split(".")[0]:
+        raise WeightsError(f"{label} holds a {saved_arch} encoder, not {plan.arch}")
+    saved_pool = meta.get("pool", plan.pool)
+    if plan.pool not in ("simpool", saved_pool):
+        raise WeightsError(f"{label} holds an encoder with {saved_pool!r} pooling, not {plan.pool!r}")
+    if plan.gamma is None:
+        plan.gamma = meta.get("gamma")
+    elif meta.get("gamma") != plan.gamma:  # stacklevel: the caller of create_encoder
+        warnings.warn(f"{label} was saved with gamma={meta.get('gamma')}; using gamma={plan.gamma}", stacklevel=4)
+    plan.arch, plan.pool = saved_arch or plan.arch, saved_pool
+    plan.pool_kwargs = {**dict(meta.get("pool_kwargs") or {}), **plan.pool_kwargs}
+    plan.timm_kwargs = {**dict(meta.get("trunk_kwargs") or {}), **plan.timm_kwargs}
+    plan.data_config = dict(meta.get("data_config") or {})
 
 
 def _pool_kwargs(pool: str, gamma: Optional[float], pool_kwargs: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -222,14 +306,14 @@ def _pool_kwargs(pool: str, gamma: Optional[float], pool_kwargs: Optional[Dict[s
     return kwargs
 
 
-def check_arch(arch: str) -> None:
-    """Raise ``ValueError`` naming similar architectures when timm does not know ``arch``."""
-    import timm
-
-    if not timm.is_model(arch.split(".")[0]):
-        close = timm.list_models(f"*{arch.split('.')[0].split('_')[0]}*")[:8]
-        hint = f"; similar: {', '.join(close)}" if close else ""
-        raise ValueError(f"unknown timm architecture {arch!r}{hint}")
+def _build_modules(plan: _EncoderPlan, source: WeightsSource, seed: int) -> Tuple[nn.Module, nn.Module]:
+    """``(trunk, pooling)``: randomly initialised from ``seed``, or the trunk with timm's pretrained weights."""
+    pool_args = plan.pool_args
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        trunk = _build_trunk(plan.arch, plan.timm_kwargs, source.timm_file, pretrained=source.kind == "timm")
+        pooling = create_pool(plan.pool, int(trunk.num_features), **pool_args)
+    return trunk, pooling
 
 
 def _build_trunk(arch: str, timm_kwargs: Dict[str, Any], pretrained_file: Optional[str] = None,
@@ -247,6 +331,20 @@ def _build_trunk(arch: str, timm_kwargs: Dict[str, Any], pretrained_file: Option
         if dynamic and "dynamic_img_size" in str(err):
             return timm.create_model(arch, pretrained=pretrained, **kwargs)
         raise
+
+
+def _load_weights(trunk: nn.Module, pooling: nn.Module, plan: _EncoderPlan, source: WeightsSource,
+                  seed: int) -> None:
+    """Load a checkpoint's weights, or say which parts stay random (timm's weights are already in the trunk)."""
+    if plan.mapped is not None:
+        _load_mapped(trunk, pooling, plan.mapped, plan.pool, source.label)
+    elif source.kind == "none":
+        warnings.warn(f"{plan.arch} with {plan.pool} pooling has RANDOM weights (weights=None, seed={seed}): "
+                      f"descriptors carry no learnt meaning", RandomWeightsWarning, stacklevel=3)
+    elif source.kind == "timm" and any(True for _ in pooling.parameters()):
+        warnings.warn(f"timm's weights cover the {plan.arch} trunk only: the {plan.pool} pooling is randomly "
+                      f"initialised (seed={seed}); fine-tune it (simret train --freeze-trunk) or use an official "
+                      f"checkpoint", RandomWeightsWarning, stacklevel=3)
 
 
 def _load_mapped(trunk: nn.Module, pool: nn.Module, mapped: MappedWeights, pool_name: str, label: str) -> None:
@@ -276,9 +374,9 @@ def _load_mapped(trunk: nn.Module, pool: nn.Module, mapped: MappedWeights, pool_
 
     pool_expected = pool.state_dict()
     if not mapped.pool:
-        if pool_expected:
+        if pool_expected:  # stacklevel: the caller of create_encoder
             warnings.warn(f"{label} has no weights for the {pool_name!r} pooling: it stays randomly initialised",
-                          RandomWeightsWarning, stacklevel=3)
+                          RandomWeightsWarning, stacklevel=4)
         return
     if not pool_expected or pool_name != "simpool" and mapped.source != "simret":
         log.warning("%s holds pooling weights (%s) that pool=%r does not use; they are ignored",
@@ -298,132 +396,26 @@ def _load_mapped(trunk: nn.Module, pool: nn.Module, mapped: MappedWeights, pool_
     pool.load_state_dict(mapped.pool, strict=True)
 
 
-def create_encoder(
-    arch: Optional[str],
-    pool: str = "simpool",
-    gamma: Optional[float] = None,
-    weights: WeightsSpec = None,
-    *,
-    pool_kwargs: Optional[Dict[str, Any]] = None,
-    checkpoint_key: Optional[str] = None,
-    seed: int = 0,
-    **timm_kwargs: Any,
-) -> Encoder:
-    """Build an ``Encoder``: a timm trunk (``arch``) with ``pool`` as its global pooling.
-
-    Args:
-        arch: any timm model name (``resnet50``, ``convnext_small``, ``vit_small_patch16_224``…, a
-            ``.tag`` suffix picks timm pretrained weights). May be None when ``weights`` names an official
-            SimPool checkpoint or a file saved by simret, which carry their architecture.
-        pool: ``simpool`` (default), ``avg``, ``max``, ``gem`` or ``cls`` (ViTs).
-        gamma: SimPool's power-mean exponent (2.0 for CNNs, 1.25 for ViTs in the paper); None = plain mean.
-        weights: ``None`` random init (deterministic from ``seed``, with a warning, no network);
-            ``"timm"`` timm's pretrained trunk (fails fast and clearly when it cannot be fetched);
-            ``"simpool:<name>"`` an official SimPool checkpoint (see ``list_official_checkpoints``);
-            a path to ``.pth/.pt/.tar/.safetensors`` — official SimPool DINO or supervised checkpoints,
-            timm/torchvision trunk checkpoints, or files written by ``save_encoder``.
-        pool_kwargs: extra pooling arguments (``num_heads``, ``use_beta`` for SimPool; ``p`` for GeM).
-        checkpoint_key: which entry of a checkpoint dict holds the weights (default: ``teacher`` for DINO,
-            then ``state_dict``, ``model`` …).
-        seed: seed for every randomly initialised parameter.
-        **timm_kwargs: passed to ``timm.create_model`` (``img_size``, ``drop_path_rate`` …).
-    """
-    label = "random init"
-    mapped: Optional[MappedWeights] = None
-    official: Optional[OfficialCheckpoint] = None
-    file_meta: Dict[str, Any] = {}
-    data_config_override: Dict[str, Any] = {}
-    pool_kwargs = dict(pool_kwargs or {})
-    pretrained_file: Optional[str] = None
-    use_timm_pretrained = False
-    weights_id: Optional[str] = None
-
-    if weights is not None and not isinstance(weights, (str, Path)):
-        raise TypeError(f"weights must be None, 'timm', 'simpool:<name>' or a path, got {type(weights).__name__}")
-    if weights is not None and str(weights) == "timm":
-        if arch is None:
-            raise ValueError("weights='timm' needs an architecture name")
-        label, weights_id = f"timm pretrained {arch}", f"timm:{arch}"
-        check_arch(arch)  # an unknown name is a typo, not a weights problem
-        pretrained_file = timm_pretrained_file(arch)
-        use_timm_pretrained = True
-    elif weights is not None:
-        spec = str(weights)
-        official = None if _is_path_like(weights) else official_checkpoint(spec)
-        if official is not None:
-            if arch is not None and arch.split(".")[0] != official.arch:
-                raise WeightsError(f"official checkpoint {official.name!r} is a {official.arch}, not {arch}")
-            arch = official.arch
-            if gamma is None:
-                gamma = official.gamma
-            elif gamma != official.gamma:
-                warnings.warn(f"{official.name} was trained with gamma={official.gamma}; using gamma={gamma}", stacklevel=2)
-            if official.use_beta and gamma is not None:
-                pool_kwargs.setdefault("use_beta", True)
-            data_config_override = {"mean": official.mean, "std": official.std}
-            path = fetch_url(official.url, what=f"official SimPool checkpoint {official.name!r}")
-            label, weights_id = f"official SimPool checkpoint {official.name}", f"simpool:{official.name}"
-        elif spec.startswith(("http://", "https://")):
-            path = fetch_url(spec, what=f"weights {spec}")
-            label, weights_id = f"weights {path.name}", spec
-        elif not _is_path_like(weights) and ":" not in spec and not Path(spec).exists():
-            raise WeightsError(f"weights {spec!r} is neither 'timm', an official SimPool checkpoint name "
-                               f"(simpool:<name>) nor an existing file")
-        else:
-            path = Path(spec).expanduser()
-            label, weights_id = f"weights {path}", str(path)
-        obj, file_meta = read_checkpoint(path)
-        if file_meta:
-            arch, pool, gamma, pool_kwargs, timm_kwargs = _merge_saved_config(
-                file_meta, arch, pool, gamma, pool_kwargs, timm_kwargs, label)
-            data_config_override = dict(file_meta.get("data_config") or {})
-        try:
-            state = unwrap_state_dict(obj, checkpoint_key if not file_meta else "state_dict" if "state_dict" in obj
-                                      else None)
-        except WeightsError as err:  # name the file: "checkpoint holds no tensors" alone leaves one guessing
-            raise WeightsError(f"{label}: {err}") from None
-        mapped = map_checkpoint(state)
-        if mapped.source != "simret" and pool == "simpool" and "beta" in mapped.pool:
-            pool_kwargs.setdefault("use_beta", True)
-        for key, value in mapped.trunk_kwargs.items():
-            timm_kwargs.setdefault(key, value)
-    if arch is None:
-        raise ValueError("an architecture name is needed: this weights file does not name one "
-                         "(pass arch=..., --model ARCH on the command line)")
-
-    kwargs = _pool_kwargs(pool, gamma, pool_kwargs)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        trunk = _build_trunk(arch, timm_kwargs, pretrained_file, use_timm_pretrained)
-        pooling = create_pool(pool, int(trunk.num_features), **kwargs)
-    if mapped is not None:
-        _load_mapped(trunk, pooling, mapped, pool, label)
-    elif weights is None:
-        warnings.warn(f"{arch} with {pool} pooling has RANDOM weights (weights=None, seed={seed}): "
-                      f"descriptors carry no learnt meaning", RandomWeightsWarning, stacklevel=2)
-    elif use_timm_pretrained and any(True for _ in pooling.parameters()):
-        warnings.warn(f"timm's weights cover the {arch} trunk only: the {pool} pooling is randomly initialised "
-                      f"(seed={seed}); fine-tune it (simret train --freeze-trunk) or use an official checkpoint",
-                      RandomWeightsWarning, stacklevel=2)
-
+def _wrap(trunk: nn.Module, pooling: nn.Module, plan: _EncoderPlan, source: WeightsSource, seed: int) -> Encoder:
+    """The ``Encoder`` in eval mode, with the configuration that rebuilds it and the source's preprocessing."""
     data_config = None
-    if data_config_override:
+    if plan.data_config:
         from timm.data import resolve_data_config
 
         data_config = dict(resolve_data_config({}, model=trunk))
-        data_config.update({k: tuple(v) if isinstance(v, list) else v for k, v in data_config_override.items()})
+        data_config.update({k: tuple(v) if isinstance(v, list) else v for k, v in plan.data_config.items()})
     config = {
-        "arch": arch,
-        "pool": pool,
-        "gamma": gamma,
-        "pool_kwargs": {k: v for k, v in kwargs.items() if k != "gamma"},
-        "trunk_kwargs": {k: v for k, v in timm_kwargs.items() if _jsonable(v)},
-        "weights": weights_id,
+        "arch": plan.arch,
+        "pool": plan.pool,
+        "gamma": plan.gamma,
+        "pool_kwargs": {k: v for k, v in plan.pool_args.items() if k != "gamma"},
+        "trunk_kwargs": {k: v for k, v in plan.timm_kwargs.items() if _jsonable(v)},
+        "weights": source.weights_id,
         "seed": seed,
     }
     encoder = Encoder(trunk, pooling, config, data_config)
     if log.isEnabledFor(logging.DEBUG):
-        log.debug("encoder %s (%s), dim %d", encoder.fingerprint, label, encoder.dim)
+        log.debug("encoder %s (%s), dim %d", encoder.fingerprint, source.label, encoder.dim)
     return encoder.eval()
 
 
@@ -433,24 +425,6 @@ def _jsonable(value: Any) -> bool:
         return True
     except TypeError:
         return False
-
-
-def _merge_saved_config(meta: Dict[str, Any], arch: Optional[str], pool: str, gamma: Optional[float],
-                        pool_kwargs: Dict[str, Any], timm_kwargs: Dict[str, Any], label: str):
-    """Configuration of a file written by ``save_encoder`` wins where the caller left defaults."""
-    saved_arch = meta.get("arch")
-    if arch is not None and saved_arch and arch.split(".")[0] != saved_arch.split(".")[0]:
-        raise WeightsError(f"{label} holds a {saved_arch} encoder, not {arch}")
-    saved_pool = meta.get("pool", pool)
-    if pool not in ("simpool", saved_pool):
-        raise WeightsError(f"{label} holds an encoder with {saved_pool!r} pooling, not {pool!r}")
-    if gamma is None:
-        gamma = meta.get("gamma")
-    elif meta.get("gamma") != gamma:
-        warnings.warn(f"{label} was saved with gamma={meta.get('gamma')}; using gamma={gamma}", stacklevel=3)
-    merged_pool = {**dict(meta.get("pool_kwargs") or {}), **pool_kwargs}
-    merged_timm = {**dict(meta.get("trunk_kwargs") or {}), **timm_kwargs}
-    return saved_arch or arch, saved_pool, gamma, merged_pool, merged_timm
 
 
 def save_encoder(encoder: Encoder, path: Union[str, Path], extra: Optional[Dict[str, Any]] = None) -> Path:

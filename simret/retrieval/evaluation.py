@@ -62,7 +62,7 @@ class EvalReport:
 
 
 def default_cache_dir() -> Path:
-    from simret.models.checkpoints import cache_dir
+    from simret.utils.paths import cache_dir
 
     return cache_dir() / "eval"
 

@@ -352,17 +352,13 @@ class _Run:
         barrier()
 
     def _build_encoder(self, saved: Optional[Dict[str, Any]]):
-        from simret.models import create_encoder
+        from simret.models import arch_or_default, create_encoder
 
         config = self.config
         if saved is not None:  # the checkpoint carries the architecture and the weights; no network needed
             encoder = create_encoder(None, weights=self.last, seed=config.seed)
         else:
-            arch = config.arch
-            if arch is None and config.weights in (None, "timm"):
-                from simret.commands.options import DEFAULT_ARCH
-
-                arch = DEFAULT_ARCH
+            arch = arch_or_default(config.arch, config.weights)
             encoder = create_encoder(arch, pool=config.pool, gamma=config.gamma, weights=config.weights,
                                      checkpoint_key=config.checkpoint_key, seed=config.seed)
         if config.img_size:
