@@ -5,7 +5,14 @@ from typing import Any, Dict, Optional, Tuple
 
 import click
 
-from simret.commands.options import BATCH_SIZE, MAX_SIZE, WORKERS, command_device, lock_timeout_option, model_options
+from simret.commands.options import (
+    BATCH_SIZE,
+    MAX_SIZE,
+    WORKERS,
+    command_device,
+    lock_timeout_option,
+    model_options,
+)
 
 INDEX_KINDS = ["auto", "flat", "ivfpq", "hnsw", "none"]
 
