@@ -65,12 +65,14 @@ def probe(ctx: click.Context, root: Path, methods: str, train_split: str, val_sp
               decay, cosine schedule, one classifier per learning rate of the sweep, trained together; the
               rate best on the val split is reported (DINOv2's protocol). No augmentation: not the number
               DINO's eval_linear.py gets by training on augmented images.
+    DINO's preprocessing (resize to 256, centre crop 224) is --img-size 224 --crop-pct 0.875.
 
     \b
     Examples:
-      simret probe ~/data/imagenet --weights simpool:vits-dino-simpool-ep100 --method knn -k 10,20,100,200
-      simret probe ~/data/imagenet --weights simpool:resnet50-dino-simpool-ep100 --method knn,linear \\
-          --out resnet50-simpool.json
+      simret probe ~/data/imagenet --weights simpool:vits-dino-simpool-ep100 --img-size 224 --crop-pct 0.875 \\
+          -k 10,20,100,200
+      simret probe ~/data/imagenet --weights simpool:resnet50-dino-simpool-ep100 --img-size 224 \\
+          --crop-pct 0.875 --method knn,linear --out resnet50-simpool.json
       simret probe digits/ --model test_resnet --weights none --img-size 32 --method knn,linear -k 5
     """
     method_list = _probe_list(methods)
