@@ -23,6 +23,8 @@ COMMANDS: Dict[str, str] = {
     "search": "simret.commands.search:search",
     "eval": "simret.commands.eval:evaluate",
     "fewshot": "simret.commands.fewshot:fewshot",
+    "probe": "simret.commands.probe:probe",
+    "classify": "simret.commands.classify:classify",
     "train": "simret.commands.train:train",
     "attention": "simret.commands.attention:attention",
     "demo": "simret.commands.demo:demo",
