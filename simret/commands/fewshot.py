@@ -13,6 +13,7 @@ from simret.commands.options import (
     HintedIntRange,
     PixelRange,
     model_options,
+    positive_int_list,
 )
 
 DEFAULT_METHODS = "simpleshot"
@@ -73,7 +74,7 @@ def fewshot(ctx: click.Context, split_root: Path, split_format: str, split: str,
       simret fewshot ~/data/cub --format folders --split val --way 5 --shot 1 --episodes 600
       simret fewshot digits/ --model test_resnet --weights none --img-size 32 --method simpleshot,protonet
     """
-    shot_list = _int_list(shots, "--shot")
+    shot_list = positive_int_list(shots, "--shot")
     method_list = _method_list(methods)
 
     from simret.commands.options import build_encoder
@@ -93,16 +94,6 @@ def fewshot(ctx: click.Context, split_root: Path, split_format: str, split: str,
     if out is not None:
         write_json_atomic(out, report.to_json())
         get_logger("simret.fewshot").info("wrote %s", out)
-
-
-def _int_list(text: str, option: str) -> List[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint=option) from None
-    if not values or min(values) < 1:
-        raise click.BadParameter(f"expected integers >= 1, got {text!r}", param_hint=option)
-    return list(dict.fromkeys(values))
 
 
 def _method_list(text: str) -> List[str]:

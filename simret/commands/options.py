@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import click
 
@@ -167,3 +167,14 @@ def lock_timeout_option(command: Callable) -> Callable:
     return click.option("--lock-timeout", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
                         help="How long to wait while another simret process writes the same output (default: as "
                              "long as it takes; 0: fail at once).")(command)
+
+
+def positive_int_list(text: str, option: str) -> List[int]:
+    """``"1,5,5"`` → ``[1, 5]`` (comma-separated integers >= 1, duplicates dropped); a usage error otherwise."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint=option) from None
+    if not values or min(values) < 1:
+        raise click.BadParameter(f"expected integers >= 1, got {text!r}", param_hint=option)
+    return list(dict.fromkeys(values))

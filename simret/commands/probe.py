@@ -6,8 +6,7 @@ from typing import Any, Dict, List, Optional
 
 import click
 
-from simret.commands.fewshot import _int_list
-from simret.commands.options import model_options
+from simret.commands.options import model_options, positive_int_list
 
 PROBES = ("knn", "linear")
 NORM_CHOICES = ["bn", "l2n", "none"]
@@ -76,7 +75,7 @@ def probe(ctx: click.Context, root: Path, methods: str, train_split: str, val_sp
       simret probe digits/ --model test_resnet --weights none --img-size 32 --method knn,linear -k 5
     """
     method_list = _probe_list(methods)
-    k_list = _int_list(ks, "--k")
+    k_list = positive_int_list(ks, "--k")
     rates = _float_list(learning_rates, "--lr") if learning_rates is not None else None
     _check_numbers(img_size, crop_pct, temperature, epochs, linear_batch_size, seed, batch_size, workers)
 

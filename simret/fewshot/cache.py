@@ -19,7 +19,7 @@ def features_cache_dir(kind: str, root: Union[str, os.PathLike], split_format: s
 
     ``settings``: ``{"image_size", "crop_pct"}`` from ``simret.fewshot.features.bank_settings``.
     """
-    from simret.models.checkpoints import cache_dir
+    from simret.utils.paths import cache_dir
 
     resolved = Path(root).expanduser().resolve()
     digest = hashlib.blake2b(f"{resolved}|{split_format}".encode(), digest_size=4).hexdigest()

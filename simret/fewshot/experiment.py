@@ -196,15 +196,9 @@ def load_splits(split_root: PathLike, settings: FewShotSettings) -> FewShotSplit
 
 def default_features_dir(root: PathLike, split_format: str, fingerprint: str, preprocessing: Dict[str, Any]) -> Path:
     """``<cache>/fewshot/<dataset name>-<hash of its path>/<fingerprint>-<size>px-crop<pct>``."""
-    import hashlib
+    from simret.fewshot.cache import features_cache_dir
 
-    from simret.utils.paths import cache_dir
-
-    resolved = Path(root).expanduser().resolve()
-    digest = hashlib.blake2b(f"{resolved}|{split_format}".encode(), digest_size=4).hexdigest()
-    crop = f"{preprocessing['crop_pct']:g}".replace(".", "p")
-    return (cache_dir() / "fewshot" / f"{resolved.name}-{digest}"
-            / f"{fingerprint}-{preprocessing['image_size']}px-crop{crop}")
+    return features_cache_dir("fewshot", root, split_format, fingerprint, preprocessing)
 
 
 def _checked(settings: FewShotSettings):
