@@ -29,6 +29,7 @@ COMMANDS: Dict[str, str] = {
     "attention": "simret.commands.attention:attention",
     "demo": "simret.commands.demo:demo",
     "info": "simret.commands.info:info",
+    "check": "simret.commands.check:check",
 }
 
 

@@ -31,7 +31,7 @@ def _index_params(pairs: Tuple[str, ...]) -> Dict[str, int]:
 
 
 @click.command(short_help="Index an image folder: descriptors (HDF5) + FAISS index.")
-@click.argument("images", type=click.Path(exists=True))
+@click.argument("images", type=click.Path(exists=True), required=False)
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Index directory to write.")
 @model_options
 @click.option("--scales", default="1", show_default=True, metavar="S1,S2,…",
@@ -67,13 +67,18 @@ def _index_params(pairs: Tuple[str, ...]) -> Dict[str, int]:
               help="Also compare file contents (SHA-256), not only sizes and modification times, to find images "
                    "replaced in place; the digests are stored.")
 @lock_timeout_option
+@click.option("--from-descriptors", "from_store", type=click.Path(exists=True, dir_okay=False), default=None,
+              metavar="STORE.h5",
+              help="Build OUT from a descriptor store instead of images (shards, simret eval's cache, another "
+                   "program writing the documented format): no image is read, no model built.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=2048, show_default=True,
               help="Save finished descriptors every N images, so an interrupted run resumes there.")
 @click.pass_context
 def index(ctx: click.Context, images: str, out: str, model_spec: Dict[str, Any], scales: str, max_size: int,
           kind: str, index_params: Tuple[str, ...], whiten: str, whiten_on: Optional[str], whiten_dim: Optional[int],
           half: bool, batch_size: int, workers: Optional[int], append: bool, overwrite: bool, keep_missing: bool,
-          verify_content: bool, lock_timeout: Optional[float], checkpoint_every: int) -> None:
+          verify_content: bool, lock_timeout: Optional[float], from_store: Optional[str],
+          checkpoint_every: int) -> None:
     """Index IMAGES (a folder, searched recursively, or a text file with one path per line) into OUT.
 
     \b
@@ -104,6 +109,11 @@ def index(ctx: click.Context, images: str, out: str, model_spec: Dict[str, Any],
 
     if append and overwrite:
         raise click.UsageError("--append and --overwrite exclude each other")
+    if bool(images) == bool(from_store):
+        raise click.UsageError("give IMAGES (a folder or a list file) or --from-descriptors STORE.h5 (one of the two)")
+    if from_store:
+        return _index_store(ctx, from_store, out, kind, index_params, whiten, whiten_on, whiten_dim, append, overwrite,
+                            lock_timeout)
     if append:
         meta = _readable_meta(out)
         if meta is not None:  # options left at their defaults follow the index
@@ -134,6 +144,29 @@ def index(ctx: click.Context, images: str, out: str, model_spec: Dict[str, Any],
         barrier()  # the other ranks wait until rank 0 has written the index
     if not other_rank:
         click.echo(summary.line())
+
+
+def _index_store(ctx: click.Context, store: str, out: str, kind: str, index_params: Tuple[str, ...], whiten: str,
+                 whiten_on: Optional[str], whiten_dim: Optional[int], append: bool, overwrite: bool,
+                 lock_timeout: Optional[float]) -> None:
+    """``--from-descriptors``: a new generation of OUT from a store, without images or a model."""
+    from simret.retrieval.indexdir import IndexSettings
+    from simret.retrieval.indexdir.build import build_from_store
+    from simret.utils import progress
+
+    ignored = [name for name in ("append", "whiten_on", "scales", "max_size", "half", "keep_missing",
+                                 "verify_content", *MODEL_KEYS) if not _is_default(ctx, name)]
+    if ignored:
+        shown = ", ".join("--" + name.replace("_", "-") for name in ignored)
+        raise click.UsageError(f"--from-descriptors indexes the store as it is (its model, scales and size): {shown} "
+                               f"do not apply")
+    settings = IndexSettings(kind=kind, index_params=_index_params(index_params), whiten=whiten,
+                             whiten_dim=whiten_dim, lock_timeout=lock_timeout)
+    summary = build_from_store(out, settings, source=store, overwrite=overwrite, progress=progress.is_enabled())
+    click.echo(summary.line())
+
+
+MODEL_KEYS = ("arch", "pool", "gamma", "weights", "checkpoint_key")
 
 
 def _is_default(ctx: click.Context, name: str) -> bool:

@@ -14,20 +14,29 @@ import contextlib
 import json
 import os
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
 
 from simret.retrieval.indexdir.assemble import Assembled, assemble_store, resolve_sources
 from simret.retrieval.indexdir.checkpoints import Checkpoints
 from simret.retrieval.indexdir.describe import Described, describe_missing
 from simret.retrieval.indexdir.layout import NewGeneration, new_generation_id, remove_stale
-from simret.retrieval.indexdir.meta import FORMAT, FORMAT_VERSION, file_record, model_record
+from simret.retrieval.indexdir.meta import (
+    FORMAT,
+    FORMAT_VERSION,
+    IndexDamagedError,
+    file_record,
+    model_record,
+)
 from simret.retrieval.indexdir.names import INDEX_FILE, META, SKIPPED, STORE, WHITENING_FILE
-from simret.retrieval.indexdir.plan import Plan, make_plan
+from simret.retrieval.indexdir.plan import Entry, Plan, make_plan, path_key
 from simret.retrieval.indexdir.previous import Previous, load_previous
-from simret.retrieval.indexdir.searchable import Searchable, build_searchable, same_index_settings
+from simret.retrieval.indexdir.searchable import INDEXED, Searchable, build_searchable, same_index_settings
 from simret.retrieval.indexdir.settings import BuildSummary, IndexSettings
-from simret.retrieval.store import StoreError, store_attrs
+from simret.retrieval.store import StoreError, StoreReader, store_attrs
 from simret.utils import distributed
 from simret.utils.atomic import write_failure
 from simret.utils.filestate import file_checksum
@@ -38,6 +47,38 @@ from simret.utils.skipped import format_skipped
 log = get_logger(__name__)
 PathLike = Union[str, os.PathLike]
 Listing = Tuple[Path, List[str]]
+
+
+@dataclass
+class Identity:
+    """What meta.json records of the encoder that computed the descriptors."""
+
+    fingerprint: str
+    provenance: Dict[str, Any]
+    model: Dict[str, Any]  # model_record: how search rebuilds the encoder
+    dim: int
+
+    @classmethod
+    def of_encoder(cls, encoder: Any, model_spec: Optional[Dict[str, Any]]) -> Identity:
+        return cls(encoder.fingerprint, encoder.provenance(), model_record(model_spec, encoder), int(encoder.dim))
+
+    @classmethod
+    def of_store(cls, attrs: Dict[str, Any], meta: Optional[Dict[str, Any]] = None) -> Identity:
+        """From a store's attributes (and the index's meta.json when it is readable)."""
+        keys = ("fingerprint", "arch", "pool", "gamma", "weights", "dim", "simret_version")
+        provenance = (meta or {}).get("provenance") or {k: attrs[k] for k in keys if k in attrs}
+        model = (meta or {}).get("model") or {
+            "arch": attrs.get("arch"), "pool": attrs.get("pool"),
+            "gamma": None if attrs.get("gamma") in (None, "none") else attrs.get("gamma"),
+            "weights": _weights_option(str(attrs.get("weights", "random"))), "checkpoint_key": None}
+        return cls(str(attrs["fingerprint"]), provenance, model, int(attrs.get("dim", 0)))
+
+
+def _weights_option(recorded: str) -> str:
+    """A store's ``weights`` attribute (``timm:resnet50``, ``simpool:NAME``, a path, ``random``) as --weights."""
+    if recorded in ("random", "none"):
+        return "none"
+    return "timm" if recorded.startswith("timm:") else recorded
 
 
 def build_index(source: Union[PathLike, Listing], out: PathLike, encoder: Any,
@@ -102,10 +143,105 @@ def _build(out: Path, root: Path, listed: Sequence[str], previous: Previous, enc
         meta = previous.meta
         return BuildSummary(out, len(kept), 0, len(kept), len(failed), meta["index"]["kind"], int(meta["index"]["dim"]),
                             up_to_date=True, failures=failed, generation=str(meta["generation"]))
-    summary = _commit_generation(out, plan, kept, failed, described, previous, checkpoints, attrs, encoder,
-                                 settings, model_spec, append, progress)
+    summary = _commit_generation(out, plan, kept, failed, described.computed, previous, checkpoints,
+                                 {**attrs, "dim": encoder.dim}, Identity.of_encoder(encoder, model_spec), settings,
+                                 append, encoder, progress)
     checkpoints.remove()
     return summary
+
+
+def build_from_store(out: PathLike, settings: Optional[IndexSettings] = None, *, source: Optional[PathLike] = None,
+                     overwrite: bool = False, progress: bool = True) -> BuildSummary:
+    """A new generation of ``out`` from descriptors already computed: no image is read, no encoder built.
+
+    * ``source=None`` (``simret check DIR --repair``): from the committed generation's own store, with the
+      settings its meta.json records (the index, whitening and meta are rebuilt; rows whose checksums fail
+      are dropped, and said so).
+    * ``source=STORE.h5`` (``simret index --from-descriptors``): from a descriptor store written by shards,
+      by ``simret eval``, or by another program in the documented format; ``settings`` say which index.
+
+    Raises:
+        IndexDamagedError: (repair) the store itself is unreadable: only ``simret index`` can describe the
+            images again.
+        ValueError: ``out`` holds an index of another encoder or root (without ``overwrite``).
+    """
+    settings = settings or IndexSettings()
+    out = _output_dir(out)
+    with writer_lock(out, timeout=settings.lock_timeout):
+        remove_stale(out)
+        previous = Previous() if overwrite and source is not None else load_previous(out)
+        rows = previous if source is None else _store_as_rows(Path(source).expanduser())
+        try:
+            if source is None:
+                settings = _repair_settings(out, previous, settings)
+            else:
+                _check_replacement(previous, rows, out)
+                settings = replace(settings, scales=tuple(rows.attrs.get("scales", [1.0])),
+                                   max_size=rows.attrs.get("max_size") or None,
+                                   half=rows.store.dtype == np.float16)
+            plan = Plan(rows.root or Path(), [], rows.states.take(np.flatnonzero(rows.usable)), len(rows.ids),
+                        lost=int((~rows.usable).sum()))
+            for row in np.flatnonzero(rows.usable).tolist():
+                key = path_key(plan.root, rows.ids[row])
+                plan.entries.append(Entry(rows.ids[row], key, row, None, False))
+            failed = list(rows.skipped.items())
+            attrs = {k: v for k, v in rows.attrs.items() if k not in ("generation", "root", "store_format")}
+            return _commit_generation(out, plan, list(range(len(plan.entries))), failed, 0, rows, None, attrs,
+                                      Identity.of_store(rows.attrs, rows.meta), settings, False, None, progress)
+        finally:
+            previous.close()
+            rows.close()
+
+
+def _store_as_rows(path: Path) -> Previous:
+    """A descriptor store to index as it is, seen as the rows a build reuses."""
+    store = StoreReader(path)
+    if not store.fingerprint:
+        store.close()
+        raise StoreError(f"{path} has no 'fingerprint' attribute: simret cannot tell which encoder computed these "
+                         f"descriptors (write them with simret.retrieval.store.write_store)")
+    rows = Previous(store=store, ids=store.ids, states=store.file_states(), usable=np.ones(store.count, bool))
+    if not store.attrs.get("root"):
+        log.info("%s records no image root: ids are taken relative to its folder", path)
+        store.attrs["root"] = str(path.parent.resolve())
+    return rows
+
+
+def _repair_settings(out: Path, previous: Previous, given: IndexSettings) -> IndexSettings:
+    """The settings the damaged generation was built with (its meta.json, else its store's attributes)."""
+    if not previous.exists:
+        raise FileNotFoundError(f"{out} holds no simret index to repair")
+    if previous.store is None:
+        raise ValueError(f"{out / STORE} is missing or unreadable: the descriptors themselves are lost; describe the "
+                         f"images again with simret index IMAGES --out {out} (the same command that built it)")
+    meta, attrs = previous.meta, previous.attrs
+    if meta is None:
+        log.warning("%s: meta.json is unusable; rebuilding with the store's settings and an automatic index "
+                    "(no whitening)", out)
+        return replace(given, scales=tuple(attrs.get("scales", [1.0])), max_size=attrs.get("max_size") or None,
+                       kind="auto", index_params={}, whiten="none", whiten_on=None, whiten_dim=None)
+    whitening = meta.get("whitening", {})
+    learned_on = whitening.get("learned_on")
+    if whitening.get("kind") == "pca" and not previous.whitening_ok and learned_on not in (None, INDEXED):
+        raise IndexDamagedError(f"{out / WHITENING_FILE} was learned on {learned_on}, which needs the encoder: "
+                                f"run your simret index command again (with --whiten-on {learned_on})", out)
+    return replace(given, scales=tuple(meta["scales"]), max_size=meta.get("max_size"),
+                   kind=meta["index"].get("requested", meta["index"]["kind"]),
+                   index_params=dict(meta["index"].get("requested_params", {})),
+                   whiten=whitening.get("kind", "none"),
+                   whiten_on=learned_on if learned_on not in (None, INDEXED) else None,
+                   whiten_dim=whitening.get("out_dim") if whitening.get("kind") == "pca" else None,
+                   half=bool(meta.get("half")))
+
+
+def _check_replacement(previous: Previous, rows: Previous, out: Path) -> None:
+    recorded = previous.meta or previous.attrs
+    if not recorded:
+        return
+    if recorded.get("fingerprint") != rows.attrs.get("fingerprint") or (previous.root and previous.root != rows.root):
+        raise ValueError(f"{out} holds an index of {previous.root} by encoder {recorded.get('fingerprint')}; the "
+                         f"store holds {rows.root} by {rows.attrs.get('fingerprint')}: pass --overwrite to replace it, "
+                         f"or choose another --out")
 
 
 # -------------------------------------------------------------------------------------------- stages
@@ -196,11 +332,14 @@ def _up_to_date(previous: Previous, plan: Plan, kept: List[int], failed: List[Tu
     return dict(failed) == previous.skipped
 
 
-def _commit_generation(out: Path, plan: Plan, kept: List[int], failed: List[Tuple[str, str]], described: Described,
-                       previous: Previous, checkpoints: Checkpoints, attrs: Dict[str, Any], encoder: Any,
-                       settings: IndexSettings, model_spec: Optional[Dict[str, Any]], append: bool,
+def _commit_generation(out: Path, plan: Plan, kept: List[int], failed: List[Tuple[str, str]], computed: int,
+                       previous: Previous, checkpoints: Optional[Checkpoints], attrs: Dict[str, Any],
+                       identity: Identity, settings: IndexSettings, append: bool, encoder: Any,
                        progress: bool) -> BuildSummary:
-    """Stages 3-5: write the next generation and commit it; on any failure the previous one stays current."""
+    """Stages 3-5: write the next generation and commit it; on any failure the previous one stays current.
+
+    ``previous`` is where reused rows come from (the committed generation, or a store to index as it is);
+    ``encoder`` is needed only to learn a whitening on other images."""
     meta = previous.meta or {}
     sequence = int(meta.get("sequence", 0)) + 1
     generation_id = new_generation_id(sequence)
@@ -209,15 +348,14 @@ def _commit_generation(out: Path, plan: Plan, kept: List[int], failed: List[Tupl
     try:
         with NewGeneration(out, generation_id) as generation:
             target = generation.path(STORE)
-            assembled = assemble_store(target, plan, kept, previous, checkpoints, {**attrs, "dim": encoder.dim},
-                                       dtype, generation_id)
+            assembled = assemble_store(target, plan, kept, previous, checkpoints, attrs, dtype, generation_id)
             target = generation.directory
             searchable = build_searchable(generation, assembled, previous, settings, append=append, encoder=encoder,
                                           progress=progress)
             target = generation.path(SKIPPED)
             target.write_text(format_skipped(failed), encoding="utf-8")
-            record = _meta_record(generation, generation_id, sequence, plan, assembled, searchable, previous, encoder,
-                                  settings, model_spec, failed, dtype)
+            record = _meta_record(generation, generation_id, sequence, plan, assembled, searchable, previous, identity,
+                                  settings, failed, dtype)
             target = generation.path(META)
             target.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
             target = out
@@ -227,16 +365,15 @@ def _commit_generation(out: Path, plan: Plan, kept: List[int], failed: List[Tupl
     except OSError as err:  # disk full, no permission, I/O error
         raise write_failure(target, err, f"the previous index in {out} is intact; run the same command again once "
                                          f"the problem is fixed (the descriptors computed are kept)") from None
-    reused = len(kept) - described.computed
-    return BuildSummary(out, len(kept), described.computed, max(0, reused), len(failed),
+    return BuildSummary(out, len(kept), computed, max(0, len(kept) - computed), len(failed),
                         searchable.index_meta["kind"], int(searchable.index_meta["dim"]), failures=failed,
                         redescribed=sum(plan.entries[i].redescribe for i in kept), removed=len(plan.removed),
                         generation=generation_id)
 
 
 def _meta_record(generation: NewGeneration, generation_id: str, sequence: int, plan: Plan, assembled: Assembled,
-                 searchable: Searchable, previous: Previous, encoder: Any, settings: IndexSettings,
-                 model_spec: Optional[Dict[str, Any]], failed: List[Tuple[str, str]], dtype: str) -> Dict[str, Any]:
+                 searchable: Searchable, previous: Previous, identity: Identity, settings: IndexSettings,
+                 failed: List[Tuple[str, str]], dtype: str) -> Dict[str, Any]:
     meta = previous.meta or {}
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     sources = list(dict.fromkeys([*meta.get("sources", [meta["root"]] if meta.get("root") else []),
@@ -256,11 +393,11 @@ def _meta_record(generation: NewGeneration, generation_id: str, sequence: int, p
         "format": FORMAT, "format_version": FORMAT_VERSION, "generation": generation_id, "sequence": sequence,
         "store_generation": assembled.store_generation, "created": meta.get("created", now), "updated": now,
         "root": str(plan.root), "sources": sources, "count": len(assembled.ids), "skipped": len(failed),
-        "fingerprint": encoder.fingerprint, "model": model_record(model_spec, encoder),
-        "provenance": encoder.provenance(), "dim": assembled.dim, "scales": [float(s) for s in settings.scales],
+        "fingerprint": identity.fingerprint, "model": identity.model,
+        "provenance": identity.provenance, "dim": assembled.dim, "scales": [float(s) for s in settings.scales],
         "max_size": settings.max_size, "half": bool(settings.half), "store_dtype": dtype, "index": searchable.index_meta,
         "whitening": searchable.whitening_meta, "files": files,
     }
 
 
-__all__ = ["build_index", "IndexSettings", "BuildSummary", "META"]
+__all__ = ["build_index", "build_from_store", "IndexSettings", "BuildSummary", "META"]

@@ -34,8 +34,8 @@ class IndexDamagedError(ValueError):
 
 def repair_hint(out: PathLike) -> str:
     """How to repair a directory whose derived files (index, whitening, meta) are damaged."""
-    return (f"run `simret check {out} --repair` to rebuild them from the stored descriptors (or run your simret "
-            f"index command again)")
+    return (f"`simret check {out} --repair` rebuilds it from the stored descriptors (or run your simret index "
+            f"command again)")
 
 
 def parse_meta(text: str, shown: PathLike, out: PathLike) -> Dict[str, Any]:

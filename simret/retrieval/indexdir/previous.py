@@ -62,8 +62,9 @@ class Previous:
             self.store = None
 
 
-def load_previous(out: Path) -> Previous:
-    """The current generation of ``out`` with its damage assessed (see the module docstring).
+def load_previous(out: Path, *, quiet: bool = False) -> Previous:
+    """The current generation of ``out`` with its damage assessed (see the module docstring); each problem
+    found is logged as being repaired, unless ``quiet`` (``simret check`` reports them instead).
 
     Raises:
         ValueError: ``out`` holds something that is not a simret index, or one written by a newer simret.
@@ -83,7 +84,7 @@ def load_previous(out: Path) -> Previous:
         _check_consistency(previous)
     if previous.meta is not None:
         _check_derived(previous, generation)
-    for problem in previous.problems:
+    for problem in () if quiet else previous.problems:
         log.warning("%s: repairing it", problem)
     return previous
 
