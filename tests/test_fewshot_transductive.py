@@ -201,5 +201,5 @@ def test_fewshot_command_runs_the_transductive_methods(tmp_path):
         "-j", "0", "--device", "cpu", "--shot", "1", "--query", "3", "--episodes", "4",
         "--method", "bdcspn,tim,laplacianshot,ptmap", "--features-dir", str(tmp_path / "f")])
     assert result.exit_code == 0, result.output
-    rows = {line.split()[0]: line for line in result.stdout.splitlines()[4:]}
+    rows = {line.split()[0]: line for line in result.stdout.splitlines()[5:]}
     assert set(rows) == {"bdcspn", "tim", "laplacianshot", "ptmap"}
