@@ -203,3 +203,4 @@ def test_fewshot_command_runs_the_transductive_methods(tmp_path):
     assert result.exit_code == 0, result.output
     rows = {line.split()[0]: line for line in result.stdout.splitlines()[5:]}
     assert set(rows) == {"bdcspn", "tim", "laplacianshot", "ptmap"}
+    assert "base mean: train split" in result.stdout  # laplacianshot gets CL2N, as in the paper

@@ -9,7 +9,7 @@ import click
 from simret.commands.options import model_options
 
 DEFAULT_METHODS = "simpleshot"
-BASE_MEAN_METHODS = ("simpleshot", "softkmeans")  # methods given the train split's mean (CL2N)
+BASE_MEAN_METHODS = ("simpleshot", "softkmeans", "laplacianshot")  # methods given the train split's mean (CL2N)
 
 
 @click.command(short_help="Few-shot accuracy ± 95% CI (ProtoNet, SimpleShot, logreg …) on a split.")
@@ -32,7 +32,8 @@ BASE_MEAN_METHODS = ("simpleshot", "softkmeans")  # methods given the train spli
 @click.option("--query", "n_query", type=int, default=15, show_default=True, help="Query images per class.")
 @click.option("--episodes", "n_episodes", type=int, default=2000, show_default=True, help="Episodes per shot.")
 @click.option("--method", "methods", default=DEFAULT_METHODS, show_default=True, metavar="NAME[,NAME…]",
-              help="simpleshot, protonet, cosine, logreg, softkmeans (comma list).")
+              help="simpleshot, protonet, cosine, logreg, softkmeans; transductive: bdcspn, tim, laplacianshot, "
+                   "ptmap (comma list).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Episode seed: same seed, same episodes.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE.json",
               help="Also write the results (fractions, not percent) and their provenance as JSON.")
