@@ -28,6 +28,7 @@ from simret.models.checkpoints import (
     timm_pretrained_file,
     unwrap_state_dict,
 )
+from simret.models.official_vit import OFFICIAL_POS_EMBED, use_official_pos_embed, wants_official_pos_embed
 from simret.models.pooling import create_pool, pool_uses_prefix_tokens
 from simret.utils.atomic import atomic_path
 from simret.utils.logs import get_logger
@@ -120,7 +121,10 @@ class Encoder(nn.Module):
 
     def _identity(self) -> Dict[str, Any]:
         keys = ("arch", "pool", "gamma", "pool_kwargs", "trunk_kwargs")
-        return {k: self.config.get(k) for k in keys}
+        identity = {k: self.config.get(k) for k in keys}
+        if self.config.get("pos_embed"):  # only when set, so every other encoder keeps its fingerprint
+            identity["pos_embed"] = self.config["pos_embed"]
+        return identity
 
     @property
     def is_transformer(self) -> bool:
@@ -354,6 +358,8 @@ def create_encoder(
             if arch is not None and arch.split(".")[0] != official.arch:
                 raise WeightsError(f"official checkpoint {official.name!r} is a {official.arch}, not {arch}")
             arch = official.arch
+            if pool == "simpool" and official.pool != "simpool":
+                pool = official.pool  # an official baseline: the pooling it was trained with ([CLS] token, GAP)
             if gamma is None:
                 gamma = official.gamma
             elif gamma != official.gamma:
@@ -405,6 +411,10 @@ def create_encoder(
         warnings.warn(f"timm's weights cover the {arch} trunk only: the {pool} pooling is randomly initialised "
                       f"(seed={seed}); fine-tune it (simret train --freeze-trunk) or use an official checkpoint",
                       RandomWeightsWarning, stacklevel=2)
+    # the official self-supervised ViT's position embeddings, for its checkpoints only (simret.models.official_vit)
+    official_pos = mapped is not None and wants_official_pos_embed(trunk, official, mapped.source, file_meta)
+    if official_pos:
+        use_official_pos_embed(trunk)
 
     data_config = None
     if data_config_override:
@@ -420,6 +430,7 @@ def create_encoder(
         "trunk_kwargs": {k: v for k, v in timm_kwargs.items() if _jsonable(v)},
         "weights": weights_id,
         "seed": seed,
+        **({"pos_embed": OFFICIAL_POS_EMBED} if official_pos else {}),
     }
     encoder = Encoder(trunk, pooling, config, data_config)
     if log.isEnabledFor(logging.DEBUG):
