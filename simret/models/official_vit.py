@@ -15,8 +15,10 @@ installs it as the ``_pos_embed`` step of a timm ``VisionTransformer``. ``create
 official self-supervised ViT checkpoints only (registry entries with ``official_pos_embed``, official DINO
 SimPool files given by path, and files saved from such encoders), never for timm or supervised weights.
 
-Inputs are patch-aligned here (simret resizes ViT inputs to multiples of the patch size), so comparing the
-official code's pixel sizes ``w == h`` is comparing the grid sides.
+Inputs are patch-aligned here (simret resizes ViT inputs to multiples of the patch size, where the official
+patch embedding drops the remainder), so comparing the official code's pixel sizes ``w == h`` is comparing the
+grid sides. Exact as long as the trunk keeps the checkpoint's table (the default; an ``img_size=`` passed to
+``create_encoder`` makes timm resample the table when loading, which the official model never does).
 """
 from __future__ import annotations
 
