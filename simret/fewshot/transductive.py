@@ -113,10 +113,10 @@ class BDCSPNMethod(TransductiveMethod):
     ``BDCSPN``: prototypes rectified with the queries (``rectified_prototypes``: feature shifting + label
     propagation), score = cosine similarity of the (unshifted) query to the rectified prototypes.
 
-    Options: ``norm``/``base_mean`` only (default ``"none"``: raw features, as easyfsl and the paper).
-    Differences from the paper's protocol, kept for parity with easyfsl: the paper weights examples by
-    ``exp(ε·cos)`` with ε = 10 and pseudo-labels only the top-Z most confident queries per class; easyfsl (and
-    this) uses ε = 1 and every query's argmax.
+    Options: ``norm``/``base_mean`` only (default ``"none"``: raw features, as easyfsl). easyfsl simplifies the
+    paper's rectification, which weights examples by ``exp(ε·cos)`` with a temperature ε and pseudo-labels only
+    the most confident queries of each class (top Z): easyfsl (and this) uses ε = 1 and every query's argmax.
+    That is easyfsl's algorithm rather than the paper's, so there is no paper value to take over.
     """
 
     name = "bdcspn"
@@ -135,9 +135,10 @@ class TIMMethod(TransductiveMethod):
     ``temperature·cos(x, w_c)``; score = ``cos(q, w_c)`` to the fine-tuned prototypes.
 
     Defaults (easyfsl's): ``steps=50, lr=1e-4, temperature=10, ce_weight=1.0, marginal_weight=1.0,
-    conditional_weight=0.1``, ``norm="none"``. The paper's protocol differs in the classifier itself (logits
-    ``−temperature/2·‖x − w_c‖²`` on L2-normalised features, temperature 15, weights (0.1, 1, 0.1), 1000 Adam
-    steps at lr 1e-4), so easyfsl's defaults are kept. Each episode's loss only involves its own prototypes,
+    conditional_weight=0.1``, ``norm="none"``. The paper's protocol (official code, github.com/mboudiaf/TIM)
+    differs in the classifier itself (logits ``−temperature/2·‖x − w_c‖²`` on L2-normalised features,
+    temperature 15, weights (0.1, 1, 0.1), 1000 Adam steps at lr 1e-4), so easyfsl's defaults are kept; its
+    step count, learning rate, temperature, weights and ``norm="l2n"`` can be set. Each episode's loss only involves its own prototypes,
     and Adam is elementwise: optimising the sum over episodes updates every episode exactly as optimising it
     alone (as the official TIM code does).
     """
