@@ -33,7 +33,8 @@ setup(
     extras_require={
         # faiss with CUDA kernels (replaces faiss-cpu at import time when both are present)
         "gpu": ["faiss-gpu-cu12>=1.8"],
-        "dev": ["pytest>=7.4", "ruff>=0.4", "hypothesis>=6.80"],
+        # easyfsl: reference implementations the transductive few-shot methods are tested against
+        "dev": ["pytest>=7.4", "ruff>=0.4", "hypothesis>=6.80", "easyfsl>=1.5"],
     },
     entry_points={"console_scripts": ["simret=simret.cli:main"]},
     classifiers=[

@@ -17,6 +17,7 @@ from simret.models import (
     save_encoder,
 )
 from simret.models.checkpoints import map_checkpoint, read_checkpoint
+from simret.models.official_vit import official_pos_embed
 
 IMAGES = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
@@ -69,10 +70,11 @@ def test_dino_vit_checkpoint_norm_follows_pooling(tmp_path):
     assert "cls_token" not in state and "norm.weight" in state
     path = tmp_path / "vits_dino_simpool.pth"
     torch.save(dino_checkpoint(state, pool), path)
-    encoder = create_encoder("test_vit", gamma=1.25, weights=path, img_size=64)
+    encoder = create_encoder("test_vit", gamma=1.25, weights=path)
     with torch.no_grad():
-        tokens = vit.patch_embed(IMAGES)
-        tokens = vit.blocks(vit.norm_pre(vit._pos_embed(tokens)))
+        tokens = vit.patch_embed(IMAGES).flatten(1, 2)  # (B, 4·4, C)
+        tokens = tokens + official_pos_embed(vit.pos_embed, (4, 4), class_token=False)  # as the official ViT
+        tokens = vit.blocks(vit.norm_pre(tokens))
         expected = vit.norm(pool(tokens))  # pool first, norm after
         torch.testing.assert_close(encoder(IMAGES), expected, rtol=1e-4, atol=1e-5)
     assert encoder.pool.use_beta and encoder.pool.beta.item() == pool.beta.item()

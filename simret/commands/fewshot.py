@@ -43,7 +43,8 @@ DEFAULT_METHODS = "simpleshot"
 @click.option("--episodes", "n_episodes", type=click.IntRange(min=1), default=2000, show_default=True,
               help="Episodes per shot.")
 @click.option("--method", "methods", default=DEFAULT_METHODS, show_default=True, metavar="NAME[,NAME…]",
-              help="simpleshot, protonet, cosine, logreg, softkmeans (comma list).")
+              help="simpleshot, protonet, cosine, logreg, softkmeans; transductive: bdcspn, tim, laplacianshot, "
+                   "ptmap (comma list).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Episode seed: same seed, same episodes.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE.json",

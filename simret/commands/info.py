@@ -50,10 +50,37 @@ def info(ctx: click.Context, checkpoints: bool) -> None:
     if checkpoints:
         from simret.models.checkpoints import list_official_checkpoints
 
-        click.echo("\nofficial SimPool checkpoints (--weights simpool:NAME):")
-        for entry in list_official_checkpoints():
-            gamma = "-" if entry.gamma is None else entry.gamma
-            click.echo(f"  {entry.name:<40} {entry.arch:<24} gamma={gamma:<5} {entry.training}")
+        click.echo("")
+        click.echo(_checkpoint_table(list_official_checkpoints()))
+
+
+def _checkpoint_table(entries) -> str:
+    """Official checkpoints grouped by training and architecture, each baseline above its SimPool models."""
+    lines = ["official SimPool checkpoints and baselines (--weights simpool:NAME)",
+             "ImageNet-1k top-1 % as the official READMEs state them, not measured here (k-NN and linear probe for "
+             "self-supervised models, top-1 for supervised ones; -: not stated)"]
+    header = ["name", "pool", "gamma", "epochs", "k-NN", "linear", "top-1"]
+    rows, groups = [], []
+    for entry in entries:
+        group = f"{entry.training.split(',')[0]}, {entry.arch}"
+        if not groups or groups[-1] != group:
+            groups.append(group)
+            rows.append(group)
+        rows.append([entry.name, entry.pool, _cell(entry.gamma, "{}"), _cell(entry.epochs, "{}"),
+                     _cell(entry.knn), _cell(entry.linear), _cell(entry.top1)])
+    table = [row for row in rows if isinstance(row, list)] + [header]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines.append("  " + "  ".join(cell.ljust(width) for cell, width in zip(header, widths)).rstrip())
+    for row in rows:
+        if isinstance(row, str):
+            lines.append(f"{row}:")
+        else:
+            lines.append("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def _cell(value, form: str = "{:.1f}") -> str:
+    return "-" if value is None else form.format(value)
 
 
 def _version(module: str) -> str:

@@ -37,7 +37,7 @@ from simret.utils.logs import get_logger
 log = get_logger(__name__)
 
 PathLike = Union[str, os.PathLike]
-BASE_MEAN_METHODS = ("simpleshot", "softkmeans")  # methods given the base split's mean (CL2N)
+BASE_MEAN_METHODS = ("simpleshot", "softkmeans", "laplacianshot")  # methods given the base split's mean (CL2N)
 CI95_NOTE = "1.96 * std(accuracies, ddof=0) / sqrt(n_episodes); accuracies are fractions"
 
 

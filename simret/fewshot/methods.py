@@ -32,6 +32,9 @@ Methods and their exact protocols:
                prototypes. Features are CL2N-normalised when ``base_mean`` is given, else L2-normalised
                (``norm=`` overrides), so the default temperature (0.1) fits distances in [0, 4]. The scores of
                one query depend on the other queries of its episode (that is what transductive means).
+``bdcspn``, ``tim``, ``laplacianshot``, ``ptmap``
+               transductive BD-CSPN, TIM-GD, LaplacianShot and PT-MAP, each equal episode by episode to
+               easyfsl's module of the same name: see ``simret.fewshot.transductive``.
 """
 from __future__ import annotations
 
@@ -318,6 +321,11 @@ METHODS: Dict[str, Callable[..., FewShotMethod]] = {
                                                                                           base_mean),
     "logreg": LogisticRegressionMethod,
     "softkmeans": SoftKMeansMethod,
+    # transductive methods matching easyfsl's (simret.fewshot.transductive, imported when first used)
+    "bdcspn": lambda **kw: _transductive("BDCSPNMethod", **kw),
+    "tim": lambda **kw: _transductive("TIMMethod", **kw),
+    "laplacianshot": lambda **kw: _transductive("LaplacianShotMethod", **kw),
+    "ptmap": lambda **kw: _transductive("PTMAPMethod", **kw),
 }
 # options each method takes (for error messages and for callers that pass a shared set of options)
 METHOD_OPTIONS: Dict[str, Tuple[str, ...]] = {
@@ -326,7 +334,17 @@ METHOD_OPTIONS: Dict[str, Tuple[str, ...]] = {
     "simpleshot": ("base_mean", "norm", "metric"),
     "logreg": ("C", "max_iter", "tol", "norm", "base_mean", "n_jobs"),
     "softkmeans": ("steps", "temperature", "norm", "base_mean"),
+    "bdcspn": ("norm", "base_mean"),
+    "tim": ("steps", "lr", "temperature", "ce_weight", "marginal_weight", "conditional_weight", "norm", "base_mean"),
+    "laplacianshot": ("steps", "knn", "lam", "norm", "base_mean"),
+    "ptmap": ("steps", "lr", "lam", "power", "post_norm", "norm", "base_mean"),
 }
+
+
+def _transductive(class_name: str, **kwargs: Any) -> FewShotMethod:
+    from simret.fewshot import transductive
+
+    return getattr(transductive, class_name)(**kwargs)
 
 
 def list_methods() -> List[str]:
@@ -334,7 +352,8 @@ def list_methods() -> List[str]:
 
 
 def get_method(name: str, **kwargs: Any) -> FewShotMethod:
-    """The method ``name`` (``protonet``, ``cosine``, ``simpleshot``, ``logreg``, ``softkmeans``) with options.
+    """The method ``name`` (``protonet``, ``cosine``, ``simpleshot``, ``logreg``, ``softkmeans``; transductive
+    ``bdcspn``, ``tim``, ``laplacianshot``, ``ptmap``: see ``simret.fewshot.transductive``) with options.
 
     Raises:
         ValueError: an unknown name or an option the method does not take.

@@ -49,7 +49,17 @@ class WeightsUnavailableError(WeightsError):
 
 @dataclass(frozen=True)
 class OfficialCheckpoint:
-    """One of the checkpoints released with the SimPool paper (github.com/billpsomas/simpool)."""
+    """One of the checkpoints released with the SimPool paper (github.com/billpsomas/simpool): SimPool models
+    and the official baselines trained by the same authors.
+
+    ``pool`` is the pooling the checkpoint was trained with (``simpool``; baselines: ``cls`` for the ViT
+    [CLS] token, ``avg`` for CNN global average pooling), used unless the caller asks for another.
+    ``knn``/``linear`` (self-supervised: ImageNet k-NN and linear-probe top-1, %) and ``top1`` (supervised:
+    ImageNet top-1, %) are the numbers the official READMEs state (None: not stated in the README version
+    reachable when the entry was written; ``notes`` says where the entry comes from), not measured by simret.
+    ``official_pos_embed``: the official self-supervised ViT code resamples its position embeddings at every
+    forward (``simret.models.official_vit``); encoders built from this checkpoint do the same.
+    """
 
     name: str
     arch: str
@@ -60,43 +70,97 @@ class OfficialCheckpoint:
     mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
     notes: str = ""
+    pool: str = "simpool"
+    epochs: Optional[int] = None
+    knn: Optional[float] = None
+    linear: Optional[float] = None
+    top1: Optional[float] = None
+    official_pos_embed: bool = False
 
     @property
     def filename(self) -> str:
         return Path(urlparse(self.url).path).name
 
+    @property
+    def is_baseline(self) -> bool:
+        """True for the official baselines (no SimPool: [CLS] token or global average pooling)."""
+        return self.pool != "simpool"
 
-def _hf(repo: str, filename: str) -> str:
-    return f"https://huggingface.co/billpsomas/{repo}/resolve/main/{filename}"
+
+def _hf(repo: str, filename: str, revision: str = "main") -> str:
+    return f"https://huggingface.co/billpsomas/{repo}/resolve/{revision}/{filename}"
 
 
+SELF_SUPERVISED_README = "github.com/billpsomas/simpool self_supervised/README.md"
+SUPERVISED_README = "github.com/billpsomas/simpool supervised/README.md"
+NOT_IN_README = ("listed on huggingface.co/billpsomas (model card and files), not in the supervised README version "
+                 "reachable here: no accuracy recorded")
+
+
+def _dino(name: str, arch: str, gamma: Optional[float], repo: str, knn: float, linear: float, *, pool: str = "simpool",
+          use_beta: bool = False, epochs: int = 100) -> OfficialCheckpoint:
+    """A DINO (self-supervised) checkpoint of the self-supervised README's table."""
+    kind = "SimPool" if pool == "simpool" else f"official baseline ({pool} pooling)"
+    extra = ", no gamma" if pool == "simpool" and gamma is None else ""
+    return OfficialCheckpoint(name, arch, gamma, use_beta, _hf(repo, f"{repo}.pth"),
+                              f"DINO, ImageNet-1k, {epochs} ep, {kind}{extra}", notes=SELF_SUPERVISED_README,
+                              pool=pool, epochs=epochs, knn=knn, linear=linear,
+                              official_pos_embed=arch.startswith("vit_"))
+
+
+def _supervised(name: str, arch: str, gamma: Optional[float], repo: str, filename: str, top1: Optional[float], *,
+                pool: str = "simpool", use_beta: bool = False, epochs: int = 100, notes: str = SUPERVISED_README,
+                revision: str = "main") -> OfficialCheckpoint:
+    """A supervised checkpoint (timm training code; ``top1`` from the supervised README)."""
+    kind = "SimPool" if pool == "simpool" else f"official baseline ({pool} pooling)"
+    extra = ", no gamma" if pool == "simpool" and gamma is None else ""
+    return OfficialCheckpoint(name, arch, gamma, use_beta, _hf(repo, filename, revision),
+                              f"supervised, ImageNet-1k, {epochs} ep, {kind}{extra}", notes=notes, pool=pool,
+                              epochs=epochs, top1=top1)
+
+
+VITS, RESNET50, CONVNEXTS = "vit_small_patch16_224", "resnet50", "convnext_small"
+
+# Each family lists its official baseline first, then the SimPool models (``simret info --checkpoints``).
 OFFICIAL_CHECKPOINTS: Dict[str, OfficialCheckpoint] = {
     c.name: c
     for c in [
-        OfficialCheckpoint("vits-dino-simpool-ep100", "vit_small_patch16_224", 1.25, True,
-                           _hf("vits_dino_simpool_ep100", "vits_dino_simpool_ep100.pth"), "DINO, ImageNet-1k, 100 ep"),
-        OfficialCheckpoint("vits-dino-simpool-ep300", "vit_small_patch16_224", 1.25, True,
-                           _hf("vits_dino_simpool_ep300", "vits_dino_simpool_ep300.pth"), "DINO, ImageNet-1k, 300 ep"),
-        OfficialCheckpoint("vits-dino-simpool-nogamma-ep100", "vit_small_patch16_224", None, False,
-                           _hf("vits_dino_simpool_no_gamma_ep100", "vits_dino_simpool_no_gamma_ep100.pth"),
-                           "DINO, ImageNet-1k, 100 ep, no gamma"),
-        OfficialCheckpoint("resnet50-dino-simpool-ep100", "resnet50", 2.0, False,
-                           _hf("resnet50_dino_simpool_ep100", "resnet50_dino_simpool_ep100.pth"), "DINO, ImageNet-1k, 100 ep"),
-        OfficialCheckpoint("resnet50-dino-simpool-nogamma-ep100", "resnet50", None, False,
-                           _hf("resnet50_dino_simpool_no_gamma_ep100", "resnet50_dino_simpool_no_gamma_ep100.pth"),
-                           "DINO, ImageNet-1k, 100 ep, no gamma"),
-        OfficialCheckpoint("convnexts-dino-simpool-ep100", "convnext_small", 2.0, False,
-                           _hf("convnext_small_dino_simpool_ep100", "convnext_small_dino_simpool_ep100.pth"),
-                           "DINO, ImageNet-1k, 100 ep"),
-        OfficialCheckpoint("convnexts-dino-simpool-nogamma-ep100", "convnext_small", None, False,
-                           _hf("convnext_small_dino_simpool_no_gamma_ep100", "convnext_small_dino_simpool_no_gamma_ep100.pth"),
-                           "DINO, ImageNet-1k, 100 ep, no gamma"),
-        OfficialCheckpoint("vits-supervised-simpool-ep100", "vit_small_patch16_224", 1.25, True,
-                           "https://huggingface.co/billpsomas/vits_supervised_simpool_ep100/resolve/main/"
-                           "vits_gem1.25_supervised_beta.pth.tar", "supervised, ImageNet-1k, 100 ep"),
-        OfficialCheckpoint("vits-supervised-simpool-nogamma-ep100", "vit_small_patch16_224", None, False,
-                           "https://huggingface.co/billpsomas/vits_supervised_simpool_no_gamma_ep100/resolve/main/"
-                           "vits_supervised_simpool_no_gamma_ep100.pth.tar", "supervised, ImageNet-1k, 100 ep, no gamma"),
+        # self-supervised (DINO); k-NN and linear-probe top-1 as the self-supervised README states them
+        _dino("vits-dino-official-ep100", VITS, None, "vits_dino_official_ep100", 68.9, 71.5, pool="cls"),
+        _dino("vits-dino-simpool-ep100", VITS, 1.25, "vits_dino_simpool_ep100", 69.7, 72.8, use_beta=True),
+        _dino("vits-dino-simpool-ep300", VITS, 1.25, "vits_dino_simpool_ep300", 72.6, 75.0, use_beta=True,
+              epochs=300),
+        _dino("vits-dino-simpool-nogamma-ep100", VITS, None, "vits_dino_simpool_no_gamma_ep100", 69.8, 72.6),
+        _dino("resnet50-dino-official-ep100", RESNET50, None, "resnet50_dino_official_ep100", 61.8, 63.8,
+              pool="avg"),
+        _dino("resnet50-dino-simpool-ep100", RESNET50, 2.0, "resnet50_dino_simpool_ep100", 63.8, 64.4),
+        _dino("resnet50-dino-simpool-nogamma-ep100", RESNET50, None, "resnet50_dino_simpool_no_gamma_ep100",
+              63.7, 64.2),
+        _dino("convnexts-dino-official-ep100", CONVNEXTS, None, "convnext_small_dino_official_ep100", 59.3, 63.9,
+              pool="avg"),
+        _dino("convnexts-dino-simpool-ep100", CONVNEXTS, 2.0, "convnext_small_dino_simpool_ep100", 68.7, 72.2),
+        _dino("convnexts-dino-simpool-nogamma-ep100", CONVNEXTS, None, "convnext_small_dino_simpool_no_gamma_ep100",
+              68.8, 72.2),
+        # supervised; top-1 as the supervised README states it
+        _supervised("vits-supervised-official-ep100", VITS, None, "vits_supervised_official_ep100",
+                    "vits_supervised_official_ep100.pth.tar", 72.7, pool="cls"),
+        # the README links this file on the main branch, where the Hugging Face commit "rename model" (8a4598a)
+        # deleted it: pinned to the revision that holds it (b261ca7)
+        _supervised("vits-supervised-simpool-ep100", VITS, 1.25, "vits_supervised_simpool_ep100",
+                    "vits_gem1.25_supervised_beta.pth.tar", 74.2, use_beta=True,
+                    revision="b261ca794bf0fb17f7f95b038fe5e24a8aeea3e3",
+                    notes=SUPERVISED_README + "; file pinned to Hugging Face revision b261ca7 (deleted on main)"),
+        _supervised("vits-supervised-simpool-nogamma-ep100", VITS, None, "vits_supervised_simpool_no_gamma_ep100",
+                    "vits_supervised_simpool_no_gamma_ep100.pth.tar", 74.3),
+        _supervised("vits-supervised-simpool-ep300", VITS, 1.25, "vits_supervised_simpool_ep300",
+                    "vits_supervised_simpool_ep300.pth.tar", None, epochs=300,
+                    notes=NOT_IN_README + "; gamma 1.25 is the READMEs' default for transformers (the name has no "
+                                          "'no_gamma'), not stated for this file"),
+        _supervised("resnet50-supervised-official-ep100", RESNET50, None, "resnet50_supervised_official_ep100",
+                    "resnet50_supervised_official_ep100.pth.tar", None, pool="avg", notes=NOT_IN_README),
+        _supervised("resnet50-supervised-simpool-ep100", RESNET50, 2.0, "resnet50_supervised_simpool_ep100",
+                    "resnet50_supervised_simpool_ep100.pth.tar", None,
+                    notes=NOT_IN_README + "; gamma 2.0 from its model card"),
     ]
 }
 

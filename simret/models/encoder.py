@@ -9,7 +9,7 @@ import hashlib
 import json
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -27,6 +27,7 @@ from simret.models.checkpoints import (
     read_weights,
     resolve_weights,
 )
+from simret.models.official_vit import OFFICIAL_POS_EMBED, use_official_pos_embed, wants_official_pos_embed
 from simret.models.pooling import create_pool, pool_uses_prefix_tokens
 from simret.utils.atomic import atomic_path
 from simret.utils.logs import get_logger
@@ -118,7 +119,10 @@ class Encoder(nn.Module):
 
     def _identity(self) -> Dict[str, Any]:
         keys = ("arch", "pool", "gamma", "pool_kwargs", "trunk_kwargs")
-        return {k: self.config.get(k) for k in keys}
+        identity = {k: self.config.get(k) for k in keys}
+        if self.config.get("pos_embed"):  # only when set, so every other encoder keeps its fingerprint
+            identity["pos_embed"] = self.config["pos_embed"]
+        return identity
 
     @property
     def is_transformer(self) -> bool:
@@ -235,6 +239,7 @@ def create_encoder(
     plan = _plan_encoder(source, pool, pool_kwargs, timm_kwargs, checkpoint_key)
     trunk, pooling = _build_modules(plan, source, seed)
     _load_weights(trunk, pooling, plan, source, seed)
+    _match_official_model(trunk, plan, source)
     return _wrap(trunk, pooling, plan, source, seed)
 
 
@@ -249,6 +254,8 @@ class _EncoderPlan:
     timm_kwargs: Dict[str, Any]
     data_config: Dict[str, Any]  # preprocessing that overrides timm's defaults for the trunk
     mapped: Optional[MappedWeights] = None  # the checkpoint's weights, for sources read from a file
+    file_meta: Dict[str, Any] = field(default_factory=dict)  # a save_encoder file's saved configuration
+    pos_embed: Optional[str] = None  # OFFICIAL_POS_EMBED: the official DINO ViT's position-embedding step
 
     @property
     def pool_args(self) -> Dict[str, Any]:
@@ -260,12 +267,15 @@ def _plan_encoder(source: WeightsSource, pool: str, pool_kwargs: Optional[Dict[s
                   timm_kwargs: Dict[str, Any], checkpoint_key: Optional[str]) -> _EncoderPlan:
     """Settle the configuration: the caller's arguments, the source's implications, then (for checkpoint
     files) the file's own: a ``save_encoder`` file's saved configuration, the layout's trunk arguments."""
+    official = source.official
+    if official is not None and pool == "simpool" and official.pool != "simpool":
+        pool = official.pool  # an official baseline: the pooling it was trained with ([CLS] token, GAP)
     plan = _EncoderPlan(source.arch, pool, source.gamma, {**source.pool_kwargs, **(pool_kwargs or {})},
                         dict(timm_kwargs), dict(source.data_config))
     if source.reads_file:
-        plan.mapped, file_meta = read_weights(source, checkpoint_key)
-        if file_meta:
-            _merge_saved_config(plan, file_meta, source.label)
+        plan.mapped, plan.file_meta = read_weights(source, checkpoint_key)
+        if plan.file_meta:
+            _merge_saved_config(plan, plan.file_meta, source.label)
         if plan.mapped.source != "simret" and plan.pool == "simpool" and "beta" in plan.mapped.pool:
             plan.pool_kwargs.setdefault("use_beta", True)
         for key, value in plan.mapped.trunk_kwargs.items():
@@ -396,6 +406,14 @@ def _load_mapped(trunk: nn.Module, pool: nn.Module, mapped: MappedWeights, pool_
     pool.load_state_dict(mapped.pool, strict=True)
 
 
+def _match_official_model(trunk: nn.Module, plan: _EncoderPlan, source: WeightsSource) -> None:
+    """The official self-supervised ViT's position embeddings, for its checkpoints only (see
+    ``simret.models.official_vit``)."""
+    if plan.mapped is not None and wants_official_pos_embed(trunk, source.official, plan.mapped.source, plan.file_meta):
+        use_official_pos_embed(trunk)
+        plan.pos_embed = OFFICIAL_POS_EMBED
+
+
 def _wrap(trunk: nn.Module, pooling: nn.Module, plan: _EncoderPlan, source: WeightsSource, seed: int) -> Encoder:
     """The ``Encoder`` in eval mode, with the configuration that rebuilds it and the source's preprocessing."""
     data_config = None
@@ -412,6 +430,7 @@ def _wrap(trunk: nn.Module, pooling: nn.Module, plan: _EncoderPlan, source: Weig
         "trunk_kwargs": {k: v for k, v in plan.timm_kwargs.items() if _jsonable(v)},
         "weights": source.weights_id,
         "seed": seed,
+        **({"pos_embed": plan.pos_embed} if plan.pos_embed else {}),
     }
     encoder = Encoder(trunk, pooling, config, data_config)
     if log.isEnabledFor(logging.DEBUG):
