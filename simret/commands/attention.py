@@ -74,6 +74,10 @@ def attention(images: Tuple[Path, ...], model_spec: Dict[str, Any], out: Path, m
         shown = "; ".join(f"{image_id}: {reason}" for image_id, reason in skipped[:3])
         raise ValueError(f"no image could be read ({shown}{' …' if len(skipped) > 3 else ''}): give image files "
                          f"(.jpg, .png …) or folders of them")
+    from simret.utils.text import escape_field  # a tab or newline in a file name never splits a row
+
+    written = [(escape_field(name), shape, peak, top, escape_field(picture))
+               for name, shape, peak, top, picture in written]
     width = max([len(w[0]) for w in written] + [5])
     click.echo(f"{'image':<{width}}  grid     peak (row, col)  max weight  picture")
     for image_id, shape, peak, top, picture in written:

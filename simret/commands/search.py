@@ -164,20 +164,26 @@ def _image_queries(ctx: click.Context, index, queries: Sequence[str], box, model
 
 
 def _write(results: List[Tuple[str, List[str], List[float]]], fmt: str) -> None:
+    """Print the results; in ``tsv`` and ``table`` every query name and id is escaped with
+    ``simret.utils.text.escape_field`` (tab, newline, backslash … as ``\\t``, ``\\n``, ``\\\\``), so a file
+    name holding them never splits a row; ``jsonl`` holds them as they are (JSON escapes them)."""
+    from simret.utils.text import escape_field
+
     if fmt == "jsonl":
         for name, ids, scores in results:
             click.echo(json.dumps({"query": name, "ids": ids, "scores": [round(s, 6) for s in scores]}))
     elif fmt == "tsv":
         click.echo("query\trank\tid\tscore")
         for name, ids, scores in results:
+            query = escape_field(name)
             for rank, (image_id, score) in enumerate(zip(ids, scores), 1):
-                click.echo(f"{name}\t{rank}\t{image_id}\t{score:.6f}")
+                click.echo(f"{query}\t{rank}\t{escape_field(image_id)}\t{score:.6f}")
     else:
         for number, (name, ids, scores) in enumerate(results):
             if number:
                 click.echo("")
-            click.echo(f"query: {name}")
+            click.echo(f"query: {escape_field(name)}")
             width = max([len(str(len(ids)))] + [4])
             click.echo(f"  {'rank':>{width}}  {'score':>7}  id")
             for rank, (image_id, score) in enumerate(zip(ids, scores), 1):
-                click.echo(f"  {rank:>{width}}  {score:7.4f}  {image_id}")
+                click.echo(f"  {rank:>{width}}  {score:7.4f}  {escape_field(image_id)}")

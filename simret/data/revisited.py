@@ -13,24 +13,31 @@ The layout is the one revisitop's ``download.py`` creates (http://cmp.felk.cvut.
 ``bbx = (x1, y1, x2, y2)`` in pixels of the query image: the protocol crops each query to its box before
 anything else (resizing, feature extraction), which ``query_boxes``/``query_images`` do.
 
-Ground-truth pickles are read with a restricted unpickler: lists, dicts, strings, numbers and numpy arrays
-only. Any other global a pickle asks for (``os.system``, ``builtins.eval`` …) is refused with
-``UnsafePickleError`` naming it, before anything runs.
+Ground-truth pickles are read with a restricted unpickler: lists, dicts, strings, numbers and numeric numpy
+arrays only. Any other global a pickle asks for (``os.system``, ``builtins.eval`` …) is refused with
+``UnsafePickleError`` naming it, before anything runs; so is a constructor that would allocate from an
+integer (``bytes(n)``, ``bytearray(n)``, an array whose shape is larger than its data, an object array),
+and a file larger than ``MAX_GND_BYTES`` (64 MiB; real ones are under 1 MB), so memory stays proportional
+to the file. Image names must be relative paths without ``..``, and no image may be a symbolic link
+leading outside ``jpg/`` (``OutsideRootError``, naming the ``imlist``/``qimlist`` entry or the list's line).
 """
 from __future__ import annotations
 
-import builtins
 import codecs
 import importlib
 import io
+import math
 import os
 import pickle
 import re
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from simret.data.paths import OutsideRootError, RootGuard, check_relative
 
 PathLike = Union[str, "os.PathLike[str]"]
 Box = Tuple[float, float, float, float]
@@ -43,15 +50,50 @@ GND_KEYS = ("imlist", "qimlist", "gnd")
 INDEX_KEYS = ("easy", "hard", "junk")
 
 
+MAX_GND_BYTES = 64 * 1024 * 1024  # a ground-truth pickle larger than this is refused unread (real ones: < 1 MB)
+
+
 class GroundTruthError(ValueError):
     """A ground-truth file that cannot be used: not a pickle, wrong structure, indices out of range …"""
 
 
 class UnsafePickleError(GroundTruthError, pickle.UnpicklingError):
-    """A pickle that asked for a global outside builtin containers/scalars and numpy arrays."""
+    """A pickle that asked for something a ground-truth file does not hold (a global outside the allowed
+    constructors, an allocation from an integer, an object array …), or one larger than ``MAX_GND_BYTES``."""
 
 
 # ------------------------------------------------------------------------------- restricted unpickling
+#
+# What a ground-truth pickle may hold: lists, tuples, dicts, sets, str, bytes, int, float, bool, None,
+# complex, and numeric numpy arrays, dtypes and scalars (bool, int, uint, float, complex: no object,
+# string, structured or sub-array dtypes). Every constructor a pickle may call is wrapped so that it only
+# turns bytes already in the file into an object: ``bytes(n)``, ``bytearray(n)``, ``numpy.ndarray(shape)``,
+# ``_reconstruct`` with a non-empty shape, an array state whose data is shorter than its shape … are refused
+# before anything is allocated, so memory stays proportional to the file's size (capped by MAX_GND_BYTES).
+# Dict keys and set members must be strings or numbers (hashing a nested tuple can take exponential time).
+# The pure-Python unpickler is used: its memo is a dict (the C one allocates an array up to the largest
+# memo index a pickle names) and its BUILD step can be checked.
+
+_NUMERIC_KINDS = "biufc"
+_SCALAR_KEYS = (str, bytes, int, float, complex, type(None), np.number, np.bool_)
+
+
+class _NdarrayType:
+    """Stands for ``numpy.ndarray`` in a pickle: only ``_reconstruct`` may use it (calling it is refused)."""
+
+    def __repr__(self) -> str:
+        return "numpy.ndarray"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise _refuse("numpy.ndarray(...) (it allocates from its shape)")
+
+
+_NDARRAY = _NdarrayType()
+
+
+def _refuse(message: str) -> UnsafePickleError:
+    return UnsafePickleError(f"refused {message}: ground-truth pickles hold only lists, dicts, strings, numbers and "
+                             f"numeric numpy arrays")
 
 
 def _numpy_internal(module: str, name: str) -> Callable[[], Any]:
@@ -70,32 +112,152 @@ def _numpy_internal(module: str, name: str) -> Callable[[], Any]:
     return resolve
 
 
-def _latin1_encode(text: str, encoding: str = "latin1", errors: str = "strict") -> bytes:
+def _numeric_dtype(dtype: Any) -> np.dtype:
+    """``dtype`` if it is a plain numeric numpy dtype (bool, int, uint, float, complex), else refused."""
+    if not isinstance(dtype, np.dtype):
+        raise _refuse(f"a numpy dtype given as {type(dtype).__name__}")
+    if dtype.kind not in _NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype is not None or dtype.hasobject:
+        raise _refuse(f"numpy dtype {str(dtype)[:40]!r} (only numeric arrays)")
+    return dtype
+
+
+def _shape(shape: Any) -> Tuple[int, ...]:
+    if not isinstance(shape, tuple) or len(shape) > 32 or not all(
+            type(n) is int and n >= 0 for n in shape):  # noqa: E721 - exactly int: no bool, no big objects
+        raise _refuse("an array shape that is not a tuple of non-negative integers")
+    return shape
+
+
+def _safe_dtype(spec: Any, align: Any = False, copy: Any = True) -> np.dtype:
+    """``numpy.dtype(spec, align, copy=True)`` for a short type code (``'i8'``, ``'<f4'``) of a numeric dtype.
+
+    Always a copy: the BUILD that follows sets its state, which must never change numpy's shared dtypes.
+    """
+    if not isinstance(spec, (str, bytes)) or len(spec) > 8:
+        raise _refuse(f"numpy.dtype({type(spec).__name__}) (only short numeric type codes)")
+    try:
+        dtype = np.dtype(spec, align=bool(align), copy=True)
+    except (TypeError, ValueError) as err:
+        raise _refuse(f"numpy dtype {spec!r} ({err})") from None
+    return _numeric_dtype(dtype)
+
+
+def _safe_reconstruct(subtype: Any, shape: Any, code: Any) -> np.ndarray:
+    """numpy's ``_reconstruct(ndarray, (0,), b'b')``: an empty array that BUILD then fills (checked)."""
+    if subtype is not _NDARRAY:
+        raise _refuse(f"_reconstruct of {type(subtype).__name__} (only numpy.ndarray)")
+    if math.prod(_shape(shape)) != 0:
+        raise _refuse(f"_reconstruct with shape {shape} (numpy pickles an empty array, filled afterwards)")
+    reconstruct = _numpy_internal("numpy.core.multiarray", "_reconstruct")()
+    return reconstruct(np.ndarray, shape, _safe_dtype(code))
+
+
+def _safe_scalar(dtype: Any, data: Any = None) -> Any:
+    """numpy's ``scalar(dtype, bytes)`` for a numeric dtype and exactly ``itemsize`` bytes."""
+    dtype = _numeric_dtype(dtype)
+    if isinstance(data, str):  # a Python 2 pickle: bytes as latin-1 text
+        data = data.encode("latin-1")
+    if not isinstance(data, bytes) or len(data) != dtype.itemsize:
+        raise _refuse(f"a numpy scalar of {dtype} from {type(data).__name__} data of the wrong size")
+    return _numpy_internal("numpy.core.multiarray", "scalar")()(dtype, data)
+
+
+def _safe_frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any = "C") -> np.ndarray:
+    """numpy's ``_frombuffer`` (protocol 5): an array over bytes of exactly the shape's size."""
+    dtype = _numeric_dtype(dtype)
+    if not isinstance(buffer, (bytes, bytearray)) or math.prod(_shape(shape)) * dtype.itemsize != len(buffer):
+        raise _refuse(f"numpy _frombuffer with {type(buffer).__name__} data that does not match shape {shape}")
+    if order not in ("C", "F", "A"):
+        raise _refuse(f"numpy _frombuffer with order {order!r}")
+    return _numpy_internal("numpy.core.numeric", "_frombuffer")()(buffer, dtype, shape, order)
+
+
+def _check_array_state(state: Any) -> None:
+    """An ndarray's ``__setstate__`` argument: ``(version, shape, dtype, fortran, data)`` whose data holds
+    exactly ``prod(shape) · itemsize`` bytes of a numeric dtype (nothing allocated from the shape alone)."""
+    if not isinstance(state, tuple) or len(state) not in (4, 5):
+        raise _refuse("an array state that is not numpy's (version, shape, dtype, order, data)")
+    shape, dtype, _, data = state[-4:]
+    dtype = _numeric_dtype(dtype)
+    if not isinstance(data, (bytes, bytearray, str)):  # str: a Python 2 pickle, bytes as latin-1 text
+        raise _refuse(f"array data given as {type(data).__name__}")
+    if math.prod(_shape(shape)) * dtype.itemsize != len(data):
+        raise _refuse(f"an array of shape {shape} and {dtype} over {len(data)} bytes of data")
+
+
+def _latin1_encode(text: Any, encoding: str = "latin1", errors: str = "strict") -> bytes:
     """``_codecs.encode`` as protocol-2 pickles use it for bytes (latin-1 only, nothing else)."""
     if str(encoding).lower().replace("_", "-") not in ("latin1", "latin-1", "iso-8859-1", "l1"):
         raise UnsafePickleError(f"refused _codecs.encode with encoding {encoding!r} (only latin-1 is allowed)")
+    if not isinstance(text, str):
+        raise _refuse(f"_codecs.encode of {type(text).__name__}")
     return codecs.encode(text, "latin-1", "strict")
 
 
-_BUILTINS = ("set", "frozenset", "complex", "bytearray", "bytes", "list", "dict", "tuple", "int", "float", "str",
-             "bool")
+def _from_bytes(kind: type) -> Callable[..., Any]:
+    """``bytes()`` / ``bytearray()`` of bytes already in the pickle: ``bytes(n)`` would allocate n bytes."""
+
+    def build(*args: Any) -> Any:
+        if not args:
+            return kind()
+        if isinstance(args[0], str) and len(args) == 2:  # bytearray(text, 'latin-1') in old pickles
+            return kind(_latin1_encode(args[0], args[1]))
+        if len(args) == 1 and isinstance(args[0], (bytes, bytearray)):
+            return kind(args[0])
+        raise _refuse(f"{kind.__name__}({', '.join(type(a).__name__ for a in args)}) (only from bytes: "
+                      f"{kind.__name__}(n) would allocate n bytes)")
+
+    return build
+
+
+def _collection(kind: type) -> Callable[..., Any]:
+    """``set()`` / ``frozenset()`` of a list, tuple or set in the pickle (members strings or numbers)."""
+
+    def build(*args: Any) -> Any:
+        if not args:
+            return kind()
+        if len(args) == 1 and isinstance(args[0], (list, tuple, set, frozenset)):
+            _check_keys(args[0], f"{kind.__name__} member")
+            return kind(args[0])
+        raise _refuse(f"{kind.__name__}({', '.join(type(a).__name__ for a in args)})")
+
+    return build
+
+
+def _safe_complex(real: Any = 0.0, imag: Any = 0.0) -> complex:
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (real, imag)):
+        raise _refuse("complex() of anything but two numbers")
+    return complex(real, imag)
+
+
+def _check_keys(items: Any, what: str) -> None:
+    for item in items:
+        if not isinstance(item, _SCALAR_KEYS):
+            raise _refuse(f"a {what} of type {type(item).__name__} (only strings and numbers)")
+
+
 ALLOWED_GLOBALS: Dict[Tuple[str, str], Callable[[], Any]] = {
-    ("numpy", "ndarray"): lambda: np.ndarray,
-    ("numpy", "dtype"): lambda: np.dtype,
+    ("numpy", "ndarray"): lambda: _NDARRAY,
+    ("numpy", "dtype"): lambda: _safe_dtype,
     ("_codecs", "encode"): lambda: _latin1_encode,
 }
 for _module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-    for _name in ("_reconstruct", "scalar"):
-        ALLOWED_GLOBALS[(_module, _name)] = _numpy_internal(_module, _name)
+    ALLOWED_GLOBALS[(_module, "_reconstruct")] = lambda: _safe_reconstruct
+    ALLOWED_GLOBALS[(_module, "scalar")] = lambda: _safe_scalar
 for _module in ("numpy.core.numeric", "numpy._core.numeric"):
-    ALLOWED_GLOBALS[(_module, "_frombuffer")] = _numpy_internal(_module, "_frombuffer")
+    ALLOWED_GLOBALS[(_module, "_frombuffer")] = lambda: _safe_frombuffer
 for _module in ("builtins", "__builtin__"):
-    for _name in _BUILTINS:
-        ALLOWED_GLOBALS[(_module, _name)] = lambda n=_name: getattr(builtins, n)
+    ALLOWED_GLOBALS[(_module, "bytes")] = lambda: _from_bytes(bytes)
+    ALLOWED_GLOBALS[(_module, "bytearray")] = lambda: _from_bytes(bytearray)
+    ALLOWED_GLOBALS[(_module, "set")] = lambda: _collection(set)
+    ALLOWED_GLOBALS[(_module, "frozenset")] = lambda: _collection(frozenset)
+    ALLOWED_GLOBALS[(_module, "complex")] = lambda: _safe_complex
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles builtin containers, strings, numbers and numpy arrays/dtypes/scalars; refuses the rest."""
+class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc] - the pure-Python one
+    """Unpickles what a ground-truth file holds (see the section comment above); refuses the rest."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
 
     def __init__(self, handle: Any, source: str) -> None:
         super().__init__(handle, encoding="latin1")  # latin1: numpy arrays pickled under Python 2 load too
@@ -109,10 +271,58 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 "dicts, strings, numbers and numpy arrays (is this file from the Revisited benchmark?)")
         return resolver()
 
+    def load_build(self) -> None:
+        state, inst = self.stack[-1], self.stack[-2]
+        if type(inst) is np.ndarray:
+            _check_array_state(state)
+        elif not isinstance(inst, np.dtype):
+            raise _refuse(f"to set the state of a {type(inst).__name__}")
+        super().load_build()
+        if isinstance(inst, np.dtype):
+            _numeric_dtype(inst)
+
+    def load_dict(self) -> None:
+        _check_keys(self.stack[0::2], "dict key")
+        super().load_dict()
+
+    def load_setitem(self) -> None:
+        _check_keys(self.stack[-2:-1], "dict key")
+        super().load_setitem()
+
+    def load_setitems(self) -> None:
+        _check_keys(self.stack[0::2], "dict key")
+        super().load_setitems()
+
+    def load_additems(self) -> None:
+        _check_keys(self.stack, "set member")
+        super().load_additems()
+
+    def load_frozenset(self) -> None:
+        _check_keys(self.stack, "set member")
+        super().load_frozenset()
+
+    for _opcode, _method in ((pickle.BUILD, load_build), (pickle.DICT, load_dict), (pickle.SETITEM, load_setitem),
+                             (pickle.SETITEMS, load_setitems), (pickle.ADDITEMS, load_additems),
+                             (pickle.FROZENSET, load_frozenset)):
+        dispatch[_opcode[0]] = _method
+    del _opcode, _method
+
 
 def restricted_loads(data: bytes, source: str = "<bytes>") -> Any:
-    """``pickle.loads`` limited to builtin containers/scalars and numpy arrays (see ``ALLOWED_GLOBALS``)."""
-    return _RestrictedUnpickler(io.BytesIO(data), source).load()
+    """``pickle.loads`` limited to what ground-truth files hold (see ``ALLOWED_GLOBALS`` and the rules
+    above); memory stays proportional to ``len(data)``, at most ``MAX_GND_BYTES``.
+
+    Raises:
+        UnsafePickleError: anything else asked for, or ``data`` larger than ``MAX_GND_BYTES``.
+    """
+    if len(data) > MAX_GND_BYTES:
+        raise UnsafePickleError(f"{source}: {len(data):,} bytes is more than the {MAX_GND_BYTES:,} a ground-truth "
+                                f"pickle may have (real ones are under 1 MB)")
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data), source).load()
+    except UnsafePickleError as err:
+        message = str(err)
+        raise UnsafePickleError(message if message.startswith(source) else f"{source}: {message}") from None
 
 
 # --------------------------------------------------------------------------------- ground-truth files
@@ -127,30 +337,59 @@ def safe_load_gnd(path: PathLike) -> Dict[str, Any]:
 
     Raises:
         FileNotFoundError: no such file.
-        UnsafePickleError: the pickle asks for anything but builtins and numpy arrays (nothing is run).
+        UnsafePickleError: the pickle asks for anything but what ground truth holds (nothing is run, nothing
+            large allocated), or the file is larger than ``MAX_GND_BYTES`` (it is not read).
         GroundTruthError: not a readable pickle, or a structure other than the Revisited one (the message
-            names the file, the query and the field).
+            names the file, the query and the field), or an image name that is absolute or holds ``..``.
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"ground-truth file not found: {path}")
-    data = path.read_bytes()
+    size = path.stat().st_size
+    if size > MAX_GND_BYTES:
+        raise UnsafePickleError(f"{path}: {size:,} bytes is more than the {MAX_GND_BYTES:,} a ground-truth pickle "
+                                f"may have (real ones are under 1 MB): not read")
+    with open(path, "rb") as handle:
+        data = handle.read(size + 1)  # a file grown since the stat is refused by restricted_loads
     try:
         loaded = restricted_loads(data, str(path))
     except UnsafePickleError:
         raise
-    except Exception as err:  # truncated, corrupt, not a pickle at all …
-        raise GroundTruthError(f"{path}: not a readable ground-truth pickle ({type(err).__name__}: {err})") from None
+    except Exception as err:  # noqa: BLE001 - truncated, corrupt, not a pickle at all …
+        raise GroundTruthError(f"{path}: not a readable ground-truth pickle ({type(err).__name__}: "
+                               f"{_short(str(err))})") from None
     return validate_gnd(loaded, str(path))
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 2, 60, 60
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 6
+
+
+def _short(value: Any) -> str:
+    """A short repr of a value read from a file (bounded however large or deeply shared it is)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    if isinstance(value, np.ndarray):
+        return f"an array of {value.dtype} with shape {value.shape}"
+    try:
+        return _REPR.repr(value)
+    except Exception:  # noqa: BLE001 - a huge int inside a list, a broken object …
+        return f"a {type(value).__name__}"
+
+
 def validate_gnd(data: Any, source: str = "ground truth") -> Dict[str, Any]:
-    """Check the Revisited structure and normalise it (plain lists of str, int64/float64 numpy arrays)."""
+    """Check the Revisited structure and normalise it (plain lists of str, int64/float64 numpy arrays).
+
+    Only flat lists are converted to arrays (a nested list of shared references could stand for billions
+    of elements), and the messages show bounded excerpts of what was found.
+    """
     if not isinstance(data, dict):
         raise GroundTruthError(f"{source}: expected a dict with keys {', '.join(GND_KEYS)}, got {type(data).__name__}")
     missing = [key for key in GND_KEYS if key not in data]
     if missing:
-        raise GroundTruthError(f"{source}: missing key(s) {', '.join(missing)} (has: {', '.join(map(str, data))})")
+        present = ", ".join(_short(key) for key in list(data)[:10])
+        raise GroundTruthError(f"{source}: missing key(s) {', '.join(missing)} (has: {present})")
     imlist = _names(data["imlist"], source, "imlist")
     qimlist = _names(data["qimlist"], source, "qimlist")
     if not imlist:
@@ -166,18 +405,19 @@ def validate_gnd(data: Any, source: str = "ground truth") -> Dict[str, Any]:
 
 
 def _names(value: Any, source: str, key: str) -> List[str]:
-    if isinstance(value, np.ndarray):
-        value = value.tolist()
     if not isinstance(value, (list, tuple)):
         raise GroundTruthError(f"{source}: {key!r} must be a list of image names, got {type(value).__name__}")
     names = []
     for i, name in enumerate(value):
         if isinstance(name, bytes):
             name = name.decode("utf-8", "replace")
+        where = f"{source}: {key}[{i}]" + (f" (query {i})" if key == "qimlist" else "")
         if not isinstance(name, str) or not name:
-            raise GroundTruthError(f"{source}: {key}[{i}] must be a non-empty image name, got {name!r}")
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise GroundTruthError(f"{source}: {key}[{i}] = {name!r} must be relative to the jpg/ folder")
+            raise GroundTruthError(f"{where} must be a non-empty image name, got {_short(name)}")
+        try:
+            check_relative(name, where, "the jpg/ folder")
+        except OutsideRootError as err:
+            raise GroundTruthError(str(err)) from None
         names.append(name)
     return names
 
@@ -188,30 +428,49 @@ def _query_gnd(entry: Any, n_images: int, where: str) -> Dict[str, np.ndarray]:
     missing = [key for key in INDEX_KEYS + ("bbx",) if key not in entry]
     if missing:
         raise GroundTruthError(f"{where}: missing {', '.join(missing)}")
-    out: Dict[str, np.ndarray] = {}
-    for key in INDEX_KEYS:
-        array = np.asarray(entry[key])
-        if array.size == 0:
-            out[key] = np.zeros(0, dtype=np.int64)
-            continue
-        if array.ndim != 1 or not (np.issubdtype(array.dtype, np.integer)
-                                   or (np.issubdtype(array.dtype, np.floating) and np.all(array == np.round(array)))):
-            raise GroundTruthError(f"{where}: {key!r} must be a 1-D list of integer image indices, "
-                                   f"got {array.dtype} with shape {array.shape}")
-        indices = array.astype(np.int64)
-        bad = indices[(indices < 0) | (indices >= n_images)]
-        if bad.size:
-            raise GroundTruthError(f"{where}: {key!r} index {int(bad[0])} is outside imlist ({n_images} images)")
-        out[key] = indices
-    try:
-        box = np.asarray(entry["bbx"], dtype=np.float64)
-    except (TypeError, ValueError):
-        raise GroundTruthError(f"{where}: 'bbx' must be 4 numbers x1, y1, x2, y2, got {entry['bbx']!r}") from None
-    if box.shape != (4,) or not np.all(np.isfinite(box)) or box[2] <= box[0] or box[3] <= box[1]:
-        raise GroundTruthError(f"{where}: 'bbx' must be 4 finite numbers x1, y1, x2 > x1, y2 > y1, "
-                               f"got {np.asarray(entry['bbx']).tolist()!r}")
-    out["bbx"] = box
+    out: Dict[str, np.ndarray] = {key: _indices(entry[key], n_images, f"{where}: {key!r}") for key in INDEX_KEYS}
+    out["bbx"] = _box(entry["bbx"], where)
     return out
+
+
+def _flat_numbers(value: Any) -> Optional[np.ndarray]:
+    """A 1-D numeric array or a flat list/tuple of numbers (no bool) as a float64/int64 array, else None."""
+    if isinstance(value, np.ndarray):
+        return value if value.ndim == 1 and value.dtype.kind in "iuf" else None
+    if not isinstance(value, (list, tuple)):
+        return None
+    if not all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+               for v in value):
+        return None
+    if any(isinstance(v, int) and not -2 ** 62 < v < 2 ** 62 for v in value):
+        return None
+    floats = any(isinstance(v, (float, np.floating)) for v in value)
+    return np.asarray(value, dtype=np.float64 if floats else np.int64).reshape(len(value))
+
+
+def _indices(value: Any, n_images: int, where: str) -> np.ndarray:
+    if (isinstance(value, (list, tuple, np.ndarray)) and len(value) == 0) or (
+            isinstance(value, np.ndarray) and value.size == 0):
+        return np.zeros(0, dtype=np.int64)
+    array = _flat_numbers(value)
+    if array is None or (array.dtype.kind == "f" and not (np.all(np.isfinite(array))
+                                                          and np.all(array == np.round(array)))):
+        raise GroundTruthError(f"{where} must be a 1-D list of integer image indices, got {_short(value)}")
+    bad = array[(array < 0) | (array >= n_images)]
+    if bad.size:
+        raise GroundTruthError(f"{where} index {_short(bad[0].item())} is outside imlist ({n_images} images)")
+    return array.astype(np.int64)
+
+
+def _box(value: Any, where: str) -> np.ndarray:
+    box = _flat_numbers(value)
+    if box is None or box.shape != (4,):
+        raise GroundTruthError(f"{where}: 'bbx' must be 4 finite numbers x1, y1, x2 > x1, y2 > y1, got {_short(value)}")
+    box = box.astype(np.float64)
+    if not np.all(np.isfinite(box)) or box[2] <= box[0] or box[3] <= box[1]:
+        raise GroundTruthError(f"{where}: 'bbx' must be 4 finite numbers x1, y1, x2 > x1, y2 > y1, "
+                               f"got {box.tolist()!r}")
+    return box
 
 
 # ---------------------------------------------------------------------------------------- datasets
@@ -324,6 +583,8 @@ def load_revisited(data_root: PathLike, name: str, *, check_images: bool = True)
         FileNotFoundError: the root, the dataset folder, its ground truth, ``jpg/`` or listed images are
             missing (the message gives the expected path).
         GroundTruthError / UnsafePickleError: the ground truth is malformed or not a safe pickle.
+        OutsideRootError: an image is a symbolic link leading outside ``jpg/`` (the message names the
+            ``imlist``/``qimlist`` entry).
     """
     name = _dataset_name(name)
     relative = Path(name) / f"gnd_{name}.pkl"
@@ -339,6 +600,7 @@ def load_revisited(data_root: PathLike, name: str, *, check_images: bool = True)
         raise FileNotFoundError(f"dataset {name!r}: image folder {folder / 'jpg'} is missing{hint}")
     data = safe_load_gnd(folder / relative.name)
     dataset = RevisitedDataset(name, folder, data["imlist"], data["qimlist"], data["gnd"])
+    _refuse_links_outside(dataset)
     if check_images:
         missing = dataset.missing_images()
         if missing:
@@ -346,6 +608,15 @@ def load_revisited(data_root: PathLike, name: str, *, check_images: bool = True)
             raise FileNotFoundError(f"dataset {name!r}: {len(missing)} of {dataset.n_images + dataset.n_queries} "
                                     f"images listed in {dataset.gnd_path} are missing, e.g. {shown}")
     return dataset
+
+
+def _refuse_links_outside(dataset: RevisitedDataset) -> None:
+    """No database or query image may be a symbolic link leading outside ``jpg/`` (one folder read)."""
+    guard = RootGuard(dataset.image_dir)
+    for key, ids in (("imlist", dataset.image_ids), ("qimlist", dataset.query_ids)):
+        for i, image_id in enumerate(ids):
+            query = f" (query {i})" if key == "qimlist" else ""
+            guard.refuse(image_id, f"{dataset.gnd_path}: {key}[{i}]{query}")
 
 
 # ------------------------------------------------------------------------------------- distractors
@@ -387,31 +658,36 @@ def read_image_list(path: PathLike) -> List[str]:
     """Image paths of a list file, one per line, relative to its ``jpg/`` folder (blank lines skipped).
 
     Raises:
-        ValueError: an absolute path or one leaving the folder (``..``), or no paths at all.
+        ValueError: no paths at all.
+        OutsideRootError: an absolute path or one leaving the folder (``..``), naming ``file:line``.
     """
-    path = Path(path)
-    ids = []
+    return [entry for _, entry in _list_entries(Path(path))]
+
+
+def _list_entries(path: Path) -> List[Tuple[int, str]]:
+    """``(line number, path)`` of every non-blank line of a distractor list (see ``read_image_list``)."""
+    entries = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         entry = line.strip()
-        if not entry:
-            continue
-        if entry.startswith("/") or ".." in Path(entry).parts:
-            raise ValueError(f"{path}:{number}: {entry!r} must be a path relative to the jpg/ folder")
-        ids.append(entry)
-    if not ids:
+        if entry:
+            entries.append((number, check_relative(entry, f"{path}:{number}", "the jpg/ folder")))
+    if not entries:
         raise ValueError(f"{path} lists no images")
-    return ids
+    return entries
 
 
 def load_distractors(data_root: PathLike, name: str = DISTRACTORS, *, check_images: bool = False) -> DistractorSet:
     """Load ``DATA_ROOT/revisitop1m/{revisitop1m.txt, jpg/}``: ids relative to ``jpg/``, in list order.
 
     ``check_images=False`` (default) only checks that the first listed image exists (a wrong root shows at
-    once; a million ``stat`` calls do not run); ``True`` checks them all and names the missing ones.
+    once; a million ``stat`` calls do not run); ``True`` checks them all and names the missing ones. Either
+    way no listed path may lead outside ``jpg/`` (``..``, absolute, or a symbolic link leading outside:
+    found by reading each listed folder once, see ``RootGuard``).
 
     Raises:
         FileNotFoundError: the folder, the list file, ``jpg/`` or (checked) images are missing.
-        ValueError: the list file is empty or holds paths outside ``jpg/``.
+        ValueError: the list file is empty.
+        OutsideRootError: a listed path leads outside ``jpg/`` (the message names ``file:line``).
     """
     name = _dataset_name(name)
     relative = Path(name) / f"{name}.txt"
@@ -425,7 +701,11 @@ def load_distractors(data_root: PathLike, name: str = DISTRACTORS, *, check_imag
         raise FileNotFoundError(f"distractors {name!r}: image list {folder / relative.name} is missing{hint}")
     if not (folder / "jpg").is_dir():
         raise FileNotFoundError(f"distractors {name!r}: image folder {folder / 'jpg'} is missing{hint}")
-    distractors = DistractorSet(name, folder, read_image_list(folder / relative.name))
+    entries = _list_entries(folder / relative.name)
+    distractors = DistractorSet(name, folder, [image_id for _, image_id in entries])
+    guard = RootGuard(distractors.image_dir)
+    for number, image_id in entries:
+        guard.refuse(image_id, f"{distractors.list_path}:{number}")
     to_check = range(len(distractors)) if check_images else range(1)
     missing = [distractors.image_path(i) for i in to_check if not distractors.image_path(i).is_file()]
     if missing:

@@ -10,7 +10,11 @@ Two layouts are understood (``format="auto"`` tells them apart):
   CIFAR-FS and most re-packaged benchmarks ship this way). Images may sit in sub-folders of a class folder.
 
 Loading a split checks that every image it names exists, and names what is wrong otherwise (a missing CSV,
-missing images, an empty class folder). ``Split.check_class_sizes`` checks that every class holds enough
+missing images, an empty class folder). A split never makes simret read outside its root (the image folder
+of a CSV split, ``ROOT/<split>/`` of a folder split): a CSV row naming an absolute path, a ``..`` component
+or a symbolic link that leads outside, and a class folder or image that is a symbolic link leading
+outside, are refused (``OutsideRootError``, naming ``file:line`` or the path). The root itself may be a
+symbolic link. ``Split.check_class_sizes`` checks that every class holds enough
 images for ``shot + query``. Classes are numbered in sorted name order, images listed in sorted order, so a
 split always loads the same way.
 """
@@ -24,7 +28,8 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from simret.data.images import is_image_file
+from simret.data.images import is_image_file, walk_images
+from simret.data.paths import OutsideRootError, RootGuard, check_relative, leaves_root
 from simret.utils.logs import get_logger
 
 log = get_logger(__name__)
@@ -164,14 +169,17 @@ def load_csv_split(root: PathLike, split: str, images_dir: Optional[PathLike] = 
     if not image_root.is_dir():
         raise FileNotFoundError(f"image folder {image_root} does not exist")
     rows = _read_csv_rows(csv_path)
-    names, labels = zip(*rows)
+    _, names, labels = zip(*rows)
     classes = sorted(set(labels))
     index = {name: i for i, name in enumerate(classes)}
+    guard = RootGuard(image_root)
     ids, missing = [], []
-    for filename, label in rows:
-        relative = _find_csv_image(image_root, filename, label)
+    for number, filename, label in rows:
+        relative = _find_csv_image(image_root, filename, label, f"{csv_path}:{number}")
         if relative is None:
             missing.append(filename)
+        else:
+            guard.refuse(relative, f"{csv_path}:{number}")
         ids.append(relative or filename)
     if missing:
         listed = ", ".join(missing[:_LISTED]) + (f" and {len(missing) - _LISTED} more" if len(missing) > _LISTED else "")
@@ -184,7 +192,8 @@ def load_csv_split(root: PathLike, split: str, images_dir: Optional[PathLike] = 
                  classes, "miniimagenet", csv_path)
 
 
-def _read_csv_rows(csv_path: Path) -> List[Tuple[str, str]]:
+def _read_csv_rows(csv_path: Path) -> List[Tuple[int, str, str]]:
+    """``(line number, filename, label)`` of every row of a split CSV."""
     try:
         return _parse_csv_rows(csv_path)
     except UnicodeDecodeError:
@@ -192,7 +201,7 @@ def _read_csv_rows(csv_path: Path) -> List[Tuple[str, str]]:
                          f"image") from None
 
 
-def _parse_csv_rows(csv_path: Path) -> List[Tuple[str, str]]:
+def _parse_csv_rows(csv_path: Path) -> List[Tuple[int, str, str]]:
     with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # -sig: a BOM from spreadsheet tools
         reader = csv.reader(handle)
         header = next(reader, None)
@@ -211,14 +220,20 @@ def _parse_csv_rows(csv_path: Path) -> List[Tuple[str, str]]:
             filename, label = row[name_col].strip(), row[label_col].strip()
             if not filename or not label:
                 raise ValueError(f"{csv_path}:{number}: empty filename or label in {row}")
-            rows.append((filename, label))
+            rows.append((number, filename, label))
     if not rows:
         raise ValueError(f"{csv_path} lists no images")
     return rows
 
 
-def _find_csv_image(image_root: Path, filename: str, label: str) -> Optional[str]:
-    """``filename`` relative to ``image_root`` (flat, or under a ``<label>/`` folder); None if absent."""
+def _find_csv_image(image_root: Path, filename: str, label: str, where: str) -> Optional[str]:
+    """``filename`` relative to ``image_root`` (flat, or under a ``<label>/`` folder); None if absent.
+
+    Raises:
+        OutsideRootError: ``filename`` or ``label`` is absolute or holds ``..`` (``where`` names the row).
+    """
+    check_relative(filename, f"{where}: filename", image_root)
+    check_relative(label, f"{where}: label", image_root)
     for relative in (filename, f"{label}/{filename}"):
         if (image_root / relative).is_file():
             return relative
@@ -234,6 +249,7 @@ def load_folder_split(root: PathLike, split: str) -> Split:
         hint = f" (found folders: {', '.join(present)})" if present else ""
         raise FileNotFoundError(f"split {split!r}: no such folder {split_dir}{hint}")
     classes = sorted(entry.name for entry in split_dir.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    real_split = str(split_dir.resolve())
     if not classes:
         raise ValueError(f"split folder {split_dir} has no class folders: expected {split_dir}/<class>/<image>")
     loose = [entry.name for entry in split_dir.iterdir() if entry.is_file() and is_image_file(entry.name)]
@@ -243,7 +259,7 @@ def load_folder_split(root: PathLike, split: str) -> Split:
     labels: List[int] = []
     empty = []
     for label, name in enumerate(classes):
-        found = _class_images(split_dir / name)
+        found = _class_images(split_dir, name, real_split)
         if not found:
             empty.append(name)
         ids.extend(f"{name}/{relative}" for relative in found)
@@ -254,14 +270,21 @@ def load_folder_split(root: PathLike, split: str) -> Split:
     return Split(split, split_dir.resolve(), ids, np.array(labels, dtype=np.int64), classes, "folders", split_dir)
 
 
-def _class_images(folder: Path) -> List[str]:
-    found = []
-    for current, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in files:
-            if not name.startswith(".") and is_image_file(name):
-                found.append(Path(current, name).relative_to(folder).as_posix())
-    return sorted(found)
+def _class_images(split_dir: Path, name: str, real_split: str) -> List[str]:
+    """The images of class folder ``name``, relative to it; a class folder or an image that is a symbolic
+    link leading outside ``split_dir`` (resolved: ``real_split``) is refused."""
+    folder = split_dir / name
+    target = leaves_root(folder, real_split)
+    if target is not None:
+        raise OutsideRootError(f"class folder {folder} is a symbolic link to {target}, outside {split_dir}: "
+                               f"simret reads no file outside the split's folder")
+    found, links = walk_images(folder)
+    for relative in links:
+        target = leaves_root(folder / relative, real_split)
+        if target is not None:
+            raise OutsideRootError(f"{folder / relative} is a symbolic link to {target}, outside {split_dir}: "
+                                   f"simret reads no file outside the split's folder")
+    return found
 
 
 def describe_split(split: Split) -> str:

@@ -577,15 +577,17 @@ class _Run:
         path = self.out / SKIPPED_FILE
         if merged:
             from simret.utils.atomic import write_text_atomic
+            from simret.utils.text import escape_field, unescape_field  # tab/newline in a name: one row
 
             previous = {}
             if path.is_file():
-                for line in path.read_text(encoding="utf-8").splitlines()[1:]:
+                for line in path.read_text(encoding="utf-8").split("\n")[1:]:
                     if "\t" in line:
                         key, reason = line.split("\t", 1)
-                        previous[key] = reason
+                        previous[unescape_field(key)] = unescape_field(reason)
             previous.update(merged)
-            rows = "".join(f"{key}\t{reason}\n" for key, reason in sorted(previous.items()))
+            rows = "".join(f"{escape_field(key)}\t{escape_field(reason)}\n"
+                           for key, reason in sorted(previous.items()))
             write_text_atomic(path, "path\treason\n" + rows)
 
 
