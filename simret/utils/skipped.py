@@ -5,7 +5,7 @@
     id<TAB>reason
     broken.jpg<TAB>truncated or corrupt (image file is truncated)
 
-Ids (paths relative to the indexed/training root) and reasons are escaped with ``simret.utils.tsv``, so a
+Ids (paths relative to the indexed/training root) and reasons are escaped with ``simret.utils.text``, so a
 file name holding a tab or a newline still takes exactly one row.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Dict, Iterable, Mapping, Tuple, Union
 
 from simret.utils.atomic import write_text_atomic
-from simret.utils.tsv import format_row, parse_row
+from simret.utils.text import escape_field, unescape_field
 
 PathLike = Union[str, os.PathLike]
 HEADER = "id\treason"
@@ -23,16 +23,16 @@ HEADER = "id\treason"
 
 def format_skipped(entries: Iterable[Tuple[str, str]]) -> str:
     """The file's text for ``(id, reason)`` pairs, in the order given."""
-    return HEADER + "\n" + "".join(format_row(pair) + "\n" for pair in entries)
+    return HEADER + "\n" + "".join(f"{escape_field(i)}\t{escape_field(r)}\n" for i, r in entries)
 
 
 def parse_skipped(text: str) -> Dict[str, str]:
     """``{id: reason}`` from the file's text (a header of an older simret, ``path<TAB>reason``, is accepted)."""
     entries: Dict[str, str] = {}
     for line in text.splitlines()[1:]:
-        fields = parse_row(line)
+        fields = line.split("\t")
         if len(fields) >= 2:
-            entries[fields[0]] = "\t".join(fields[1:])
+            entries[unescape_field(fields[0])] = unescape_field("\t".join(fields[1:]))
     return entries
 
 
