@@ -21,6 +21,7 @@ from simret.utils.logs import setup_logging
 COMMANDS: Dict[str, str] = {
     "index": "simret.commands.index:index",
     "search": "simret.commands.search:search",
+    "merge": "simret.commands.merge:merge",
     "eval": "simret.commands.eval:evaluate",
     "fewshot": "simret.commands.fewshot:fewshot",
     "probe": "simret.commands.probe:probe",

@@ -200,8 +200,7 @@ def test_store_only_directory_then_a_searchable_index_from_the_same_descriptors(
     assert meta["index"]["kind"] == "none" and "index" not in meta["files"] and not (out / "index.faiss").exists()
     with h5py.File(out / "descriptors.h5") as handle:
         stored = handle["descriptors"][()]
-    refused = run("search", out, photos / "moon_0.jpg", ok=False)
-    assert refused.exit_code == 1 and "descriptors only" in refused.output
+    scanned = jsonl(run("search", out, photos / "moon_0.jpg", "-k", "5", "--qe", "2", "--format", "jsonl"))[0]
     assert "up to date" in run("index", photos, "--out", out, *MODEL, *FAST, "--index", "none").output
     flat = run("index", photos, "--out", out, *MODEL, *FAST, "--index", "flat").output
     assert "0 computed" in flat and (out / "index.faiss").exists()
@@ -209,6 +208,9 @@ def test_store_only_directory_then_a_searchable_index_from_the_same_descriptors(
         np.testing.assert_array_equal(handle["descriptors"][()], stored)
     assert run("search", out, photos / "moon_0.jpg", "-k", "1", "--format", "tsv").output.splitlines()[1].split("\t")[2] \
         == "moon_0.jpg"
+    indexed = jsonl(run("search", out, photos / "moon_0.jpg", "-k", "5", "--qe", "2", "--format", "jsonl"))[0]
+    assert scanned["ids"] == indexed["ids"]  # the block-wise scan of the store answers as the flat index does
+    np.testing.assert_allclose(scanned["scores"], indexed["scores"], atol=1e-5)
     assert "do not apply" in run("index", photos, "--out", tmp_path / "x", *MODEL, *FAST, "--index", "none",
                                  "--whiten", "pca", ok=False).output
 

@@ -1,7 +1,7 @@
 """``simret index``: images → multi-scale descriptors (HDF5) → FAISS index, resumable and atomic."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import click
 
@@ -10,24 +10,13 @@ from simret.commands.options import (
     MAX_SIZE,
     WORKERS,
     command_device,
+    index_params_option,
     lock_timeout_option,
+    memory_size,
     model_options,
 )
 
 INDEX_KINDS = ["auto", "flat", "ivfpq", "hnsw", "none"]
-
-
-def _index_params(pairs: Tuple[str, ...]) -> Dict[str, int]:
-    params: Dict[str, int] = {}
-    for pair in pairs:
-        name, _, value = pair.partition("=")
-        if not value:
-            raise click.BadParameter(f"expected NAME=VALUE (e.g. nprobe=32), got {pair!r}", param_hint="--index-param")
-        try:
-            params[name.strip()] = int(value)
-        except ValueError:
-            raise click.BadParameter(f"{name} takes an integer, got {value!r}", param_hint="--index-param") from None
-    return params
 
 
 @click.command(short_help="Index an image folder: descriptors (HDF5) + FAISS index.")
@@ -43,6 +32,11 @@ def _index_params(pairs: Tuple[str, ...]) -> Dict[str, int]:
               help="FAISS index: exact flat, compressed ivfpq, graph hnsw, or auto (flat up to 200k images, "
                    "ivfpq beyond); parameters follow the collection size. none: keep the descriptor store only "
                    "(no index.faiss; what simret eval caches).")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="Memory the index may take (e.g. 4GB, 512MiB): flat while it fits, else ivfpq sized to fit "
+                   "(hnsw only with --index hnsw); the choice and its reason go to meta.json and simret info DIR.")
+@click.option("--max-latency-ms", type=click.FloatRange(min=0, min_open=True), default=None, metavar="MS",
+              help="Tune ivfpq nprobe / hnsw efSearch to the largest value whose median search time stays within MS.")
 @click.option("--index-param", "index_params", multiple=True, metavar="NAME=VALUE",
               help="Override an index parameter (ivfpq: nlist, m, nbits, nprobe; hnsw: M, efConstruction, "
                    "efSearch). Repeatable.")
@@ -71,14 +65,16 @@ def _index_params(pairs: Tuple[str, ...]) -> Dict[str, int]:
               metavar="STORE.h5",
               help="Build OUT from a descriptor store instead of images (shards, simret eval's cache, another "
                    "program writing the documented format): no image is read, no model built.")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Describe only shard I of N of the listing (by a hash of each id: stable as the collection "
+                   "grows), e.g. one Slurm array task each; combine the shards with simret merge.")
+@click.option("--train-from", type=click.Path(exists=True, file_okay=False), default=None, metavar="DIR0",
+              help="Reuse DIR0's trained index (emptied) and its whitening instead of training one, so shards "
+                   "built from the same DIR0 merge without retraining.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=2048, show_default=True,
               help="Save finished descriptors every N images, so an interrupted run resumes there.")
 @click.pass_context
-def index(ctx: click.Context, images: str, out: str, model_spec: Dict[str, Any], scales: str, max_size: int,
-          kind: str, index_params: Tuple[str, ...], whiten: str, whiten_on: Optional[str], whiten_dim: Optional[int],
-          half: bool, batch_size: int, workers: Optional[int], append: bool, overwrite: bool, keep_missing: bool,
-          verify_content: bool, lock_timeout: Optional[float], from_store: Optional[str],
-          checkpoint_every: int) -> None:
+def index(ctx: click.Context, images: Optional[str], out: str, model_spec: Dict[str, Any], **options: Any) -> None:
     """Index IMAGES (a folder, searched recursively, or a text file with one path per line) into OUT.
 
     \b
@@ -96,73 +92,97 @@ def index(ctx: click.Context, images: str, out: str, model_spec: Dict[str, Any],
           --scales 1,0.707,0.5 --whiten pca
       simret index new_photos/ --out idx/ --append      # add images, same model as the index
       simret index photos/ --out idx/ --model test_resnet --weights none --max-size 256   # offline smoke test
+      simret index photos/ --out idx/ --max-memory 4GB --max-latency-ms 5   # index sized to a budget
+      simret index photos/ --out shard-3/ --shard 3/16 --train-from idx0/   # one of 16 jobs; then simret merge
+      simret index --from-descriptors store.h5 --out idx/ --index ivfpq    # no images, no model
       torchrun --nproc_per_node=4 -m simret index photos/ --out idx/ --model resnet50 --weights timm
 
     Under torchrun every rank describes its share of the images (one GPU each, or CPU processes with
     gloo); rank 0 merges the shards into one store and builds the index.
     """
     from simret.commands.options import build_encoder
-    from simret.data.images import list_images
-    from simret.retrieval.extraction import parse_scales
-    from simret.retrieval.indexdir import IndexSettings, build_index
+    from simret.retrieval.indexdir import build_index
     from simret.utils import progress
-
-    if append and overwrite:
-        raise click.UsageError("--append and --overwrite exclude each other")
-    if bool(images) == bool(from_store):
-        raise click.UsageError("give IMAGES (a folder or a list file) or --from-descriptors STORE.h5 (one of the two)")
-    if from_store:
-        return _index_store(ctx, from_store, out, kind, index_params, whiten, whiten_on, whiten_dim, append, overwrite,
-                            lock_timeout)
-    if append:
-        meta = _readable_meta(out)
-        if meta is not None:  # options left at their defaults follow the index
-            model_spec = _spec_from_meta(ctx, model_spec, meta)
-            if _is_default(ctx, "scales"):
-                scales = ",".join(str(s) for s in meta["scales"])
-            if _is_default(ctx, "max_size"):
-                max_size = meta["max_size"] or 0
-            if _is_default(ctx, "half"):
-                half = bool(meta.get("half"))
-    settings = IndexSettings(scales=parse_scales(scales), max_size=max_size or None, kind=kind,
-                             index_params=_index_params(index_params), whiten=whiten, whiten_on=whiten_on,
-                             whiten_dim=whiten_dim, half=half, batch_size=batch_size, workers=workers,
-                             checkpoint_every=checkpoint_every, keep_missing=keep_missing,
-                             verify_content=verify_content, lock_timeout=lock_timeout)
     from simret.utils.distributed import barrier, distributed_session, quiet_unless_main
 
-    listing = list_images(images)  # an empty or wrong folder fails before any model is built
-
+    if options["append"] and options["overwrite"]:
+        raise click.UsageError("--append and --overwrite exclude each other")
+    if bool(images) == bool(options["from_store"]):
+        raise click.UsageError("give IMAGES (a folder or a list file) or --from-descriptors STORE.h5 (one of the two)")
+    if options["from_store"]:
+        return _index_store(ctx, out, options)
+    model_spec, settings = _settings(ctx, out, model_spec, options)
+    listing = _listing(images, options["shard"])  # an empty or wrong folder fails before any model is built
     other_rank = quiet_unless_main()  # under torchrun only rank 0 prints
-    device = command_device(model_spec, ctx)
-    with distributed_session(device) as session:
+    with distributed_session(command_device(model_spec, ctx)) as session:
         if session.distributed:  # each rank on its own device (cuda:LOCAL_RANK, or the CPU)
             model_spec = {**model_spec, "device": str(session.device)}
         encoder, _ = build_encoder(model_spec, ctx)
-        summary = build_index(listing, out, encoder, settings, model_spec=model_spec, append=append,
-                              overwrite=overwrite, progress=progress.is_enabled() and not other_rank)
+        summary = build_index(listing, out, encoder, settings, model_spec=model_spec, append=options["append"],
+                              overwrite=options["overwrite"], progress=progress.is_enabled() and not other_rank)
         barrier()  # the other ranks wait until rank 0 has written the index
     if not other_rank:
         click.echo(summary.line())
 
 
-def _index_store(ctx: click.Context, store: str, out: str, kind: str, index_params: Tuple[str, ...], whiten: str,
-                 whiten_on: Optional[str], whiten_dim: Optional[int], append: bool, overwrite: bool,
-                 lock_timeout: Optional[float]) -> None:
+SETTING_OPTIONS = ("kind", "whiten", "whiten_on", "whiten_dim", "half", "batch_size", "workers", "checkpoint_every",
+                   "keep_missing", "verify_content", "lock_timeout", "max_latency_ms", "train_from")
+
+
+def _settings(ctx: click.Context, out: str, model_spec: Dict[str, Any], options: Dict[str, Any]):
+    """``(model_spec, IndexSettings)`` from the options; with --append, options left at their defaults follow
+    the index (model, scales, size, precision)."""
+    from simret.retrieval.extraction import parse_scales
+    from simret.retrieval.indexdir import IndexSettings
+
+    scales, max_size, half = options["scales"], options["max_size"], options["half"]
+    meta = _readable_meta(out) if options["append"] else None
+    if meta is not None:
+        model_spec = _spec_from_meta(ctx, model_spec, meta)
+        scales = ",".join(str(s) for s in meta["scales"]) if _is_default(ctx, "scales") else scales
+        max_size = (meta["max_size"] or 0) if _is_default(ctx, "max_size") else max_size
+        half = bool(meta.get("half")) if _is_default(ctx, "half") else half
+    if options["train_from"] and [n for n in ("kind", "index_params", "whiten", "max_memory") if not _is_default(ctx, n)]:
+        raise click.UsageError("--train-from takes the index and whitening of DIR0: --index, --index-param, --whiten "
+                               "and --max-memory do not apply")
+    chosen = {name: options[name] for name in SETTING_OPTIONS}
+    return model_spec, IndexSettings(**{**chosen, "half": half}, scales=parse_scales(scales), max_size=max_size or None,
+                                     index_params=index_params_option(options["index_params"]),
+                                     max_memory=memory_size(options["max_memory"]))
+
+
+def _listing(images: str, shard: Optional[str]):
+    from simret.data.images import list_images
+    from simret.retrieval.indexdir.shards import parse_shard, select_shard
+
+    root, ids = list_images(images)
+    if shard is None:
+        return root, ids
+    number, count = parse_shard(shard)
+    picked = select_shard(ids, number, count)
+    if not picked:
+        raise ValueError(f"shard {number}/{count} of the {len(ids)} images under {root} is empty: use fewer shards")
+    return root, picked
+
+
+def _index_store(ctx: click.Context, out: str, options: Dict[str, Any]) -> None:
     """``--from-descriptors``: a new generation of OUT from a store, without images or a model."""
     from simret.retrieval.indexdir import IndexSettings
     from simret.retrieval.indexdir.build import build_from_store
     from simret.utils import progress
 
     ignored = [name for name in ("append", "whiten_on", "scales", "max_size", "half", "keep_missing",
-                                 "verify_content", *MODEL_KEYS) if not _is_default(ctx, name)]
+                                 "verify_content", "shard", "train_from", *MODEL_KEYS) if not _is_default(ctx, name)]
     if ignored:
         shown = ", ".join("--" + name.replace("_", "-") for name in ignored)
         raise click.UsageError(f"--from-descriptors indexes the store as it is (its model, scales and size): {shown} "
                                f"do not apply")
-    settings = IndexSettings(kind=kind, index_params=_index_params(index_params), whiten=whiten,
-                             whiten_dim=whiten_dim, lock_timeout=lock_timeout)
-    summary = build_from_store(out, settings, source=store, overwrite=overwrite, progress=progress.is_enabled())
+    settings = IndexSettings(kind=options["kind"], index_params=index_params_option(options["index_params"]),
+                             whiten=options["whiten"], whiten_dim=options["whiten_dim"],
+                             lock_timeout=options["lock_timeout"], max_memory=memory_size(options["max_memory"]),
+                             max_latency_ms=options["max_latency_ms"])
+    summary = build_from_store(out, settings, source=options["from_store"], overwrite=options["overwrite"],
+                               progress=progress.is_enabled())
     click.echo(summary.line())
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import click
 
@@ -178,3 +178,27 @@ def positive_int_list(text: str, option: str) -> List[int]:
     if not values or min(values) < 1:
         raise click.BadParameter(f"expected integers >= 1, got {text!r}", param_hint=option)
     return list(dict.fromkeys(values))
+
+
+def index_params_option(pairs: Tuple[str, ...]) -> Dict[str, int]:
+    """``--index-param NAME=VALUE`` pairs → ``{name: int}``; a usage error naming the bad pair."""
+    params: Dict[str, int] = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if not value:
+            raise click.BadParameter(f"expected NAME=VALUE (e.g. nprobe=32), got {pair!r}", param_hint="--index-param")
+        try:
+            params[name.strip()] = int(value)
+        except ValueError:
+            raise click.BadParameter(f"{name} takes an integer, got {value!r}", param_hint="--index-param") from None
+    return params
+
+
+def memory_size(text: Optional[str]) -> Optional[int]:
+    """``--max-memory 4GB`` → bytes (None stays None); a usage error for what is not a size."""
+    from simret.retrieval.budget import parse_size
+
+    try:
+        return parse_size(text) if text is not None else None
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--max-memory") from None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import click
@@ -28,7 +29,7 @@ def _parse_bbox(text: Optional[str]) -> Optional[Tuple[float, float, float, floa
 
 @click.command(short_help="Search an index with query images; ranked ids and scores on stdout.")
 @click.argument("index_dir", metavar="DIR", type=click.Path(exists=True, file_okay=False))
-@click.argument("queries", metavar="[QUERY]...", nargs=-1, type=click.Path(exists=True))
+@click.argument("queries", metavar="[DIR]... [QUERY]...", nargs=-1, type=click.Path(exists=True))
 @click.option("-k", "--top-k", "k", type=click.IntRange(min=1), default=10, show_default=True,
               help="Results per query.")
 @click.option("--bbox", default=None, metavar="x1,y1,x2,y2",
@@ -46,6 +47,9 @@ def _parse_bbox(text: Optional[str]) -> Optional[Tuple[float, float, float, floa
               help="ivfpq indexes: re-score the top k·R candidates with the exact stored descriptors (0: off).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
               help="table for people; jsonl: {\"query\", \"ids\", \"scores\"} per line; tsv: query, rank, id, score.")
+@click.option("--mmap/--no-mmap", default=None,
+              help="Map the FAISS index from its file instead of reading it (default: when it is larger than half "
+                   "the memory available); a mapped index opens at once.")
 @model_options
 @click.option("-b", "--batch-size", type=BATCH_SIZE, default=16, show_default=True,
               help="Query images per forward pass.")
@@ -54,8 +58,10 @@ def _parse_bbox(text: Optional[str]) -> Optional[Tuple[float, float, float, floa
 @click.pass_context
 def search(ctx: click.Context, index_dir: str, queries: Tuple[str, ...], k: int, bbox: Optional[str],
            descriptor_file: Optional[str], qe: int, alpha: float, dba: int, rerank: int, fmt: str,
-           model_spec: Dict[str, Any], batch_size: int, workers: int) -> None:
-    """Rank the images of the index DIR for each QUERY image (files, or folders of images).
+           mmap: Optional[bool], model_spec: Dict[str, Any], batch_size: int, workers: int) -> None:
+    """Rank the images of the index DIR for each QUERY image (files, or folders of images). Several index
+    directories (shards: the leading arguments that are index directories) are searched as one, with one
+    merged ranking.
 
     \b
     By default the queries are described with the model the index was built with (meta.json); model
@@ -68,16 +74,16 @@ def search(ctx: click.Context, index_dir: str, queries: Tuple[str, ...], k: int,
       simret search idx/ q1.jpg q2.jpg --format jsonl > results.jsonl
       simret search idx/ oxford_001.jpg --bbox 136,34,648,955 --qe 2 --alpha 3
       simret search idx/ --descriptors queries.h5 --format tsv
+      simret search shard-0/ shard-1/ shard-2/ query.jpg       # three shards, one ranking
     """
-    from simret.retrieval.indexdir import IndexDir
     from simret.utils.logs import get_logger
 
     log = get_logger("simret.commands.search")
+    index, queries = _open_indexes(index_dir, queries, mmap)
     if bool(queries) == bool(descriptor_file):
         raise click.UsageError("give query images or --descriptors FILE.h5 (one of the two)")
     box = _parse_bbox(bbox)
-    index = IndexDir(index_dir)
-    count = index.meta["count"]
+    count = index.count
     if qe > count:
         raise click.BadParameter(f"{qe} is more than the {count} images of {index_dir}: use at most {count}",
                                  param_hint="--qe")
@@ -90,12 +96,38 @@ def search(ctx: click.Context, index_dir: str, queries: Tuple[str, ...], k: int,
         names, raw = _stored_queries(index, descriptor_file)
     else:
         names, raw = _image_queries(ctx, index, queries, box, model_spec, batch_size, workers, log)
+    _write(_rank(ctx, index, names, raw, k, qe, alpha, dba, rerank, model_spec, log), fmt)
+
+
+def _open_indexes(index_dir: str, arguments: Tuple[str, ...], mmap: Optional[bool]):
+    """``(IndexDir, or IndexSet over DIR and the leading arguments that are index directories; the rest)``."""
+    from simret.retrieval.indexdir import IndexDir, current
+    from simret.retrieval.indexdir.shards import IndexSet
+
+    shards = [index_dir]
+    rest = list(arguments)
+    while rest and Path(rest[0]).is_dir() and current(rest[0]) is not None:
+        shards.append(rest.pop(0))
+    index = IndexDir(index_dir, mmap=mmap) if len(shards) == 1 else IndexSet(shards, mmap=mmap)
+    return index, tuple(rest)
+
+
+def _rank(ctx: click.Context, index, names: List[str], raw, k: int, qe: int, alpha: float, dba: int, rerank: int,
+          model_spec: Dict[str, Any], log) -> List[Tuple[str, List[str], List[float]]]:
+    """``(query, ids, scores)`` per query, best first."""
+    from simret.retrieval.indexdir.shards import IndexSet
+
+    if isinstance(index, IndexSet):
+        if dba:
+            raise click.UsageError("--dba augments one index directory: it does not apply across shards")
+        scores, hits = index.search(raw, k, qe=qe, alpha=alpha, rerank=rerank)
+        return [(name, [index.id_of(hit) for hit in row], [float(s) for s in score[:len(row)]])
+                for name, score, row in zip(names, scores, hits)]
     _faiss_on_gpu(ctx, index, model_spec, log)
     scores, rows = index.search(raw, k, qe=qe, alpha=alpha, dba=dba, rerank=rerank)
     ids = index.ids
-    results = [(name, [ids[r] for r in row if r >= 0], [float(s) for s, r in zip(score, row) if r >= 0])
-               for name, score, row in zip(names, scores, rows)]
-    _write(results, fmt)
+    return [(name, [ids[r] for r in row if r >= 0], [float(s) for s, r in zip(score, row) if r >= 0])
+            for name, score, row in zip(names, scores, rows)]
 
 
 def _faiss_on_gpu(ctx: click.Context, index, model_spec: Dict[str, Any], log) -> None:
@@ -103,7 +135,7 @@ def _faiss_on_gpu(ctx: click.Context, index, model_spec: Dict[str, Any], log) ->
     from simret.utils.devices import resolve_device
 
     device = resolve_device(command_device(model_spec, ctx) or "auto")
-    if device.type != "cuda" or index.meta["index"]["kind"] == "hnsw":
+    if device.type != "cuda" or not index.searchable or index.meta["index"]["kind"] == "hnsw":
         return
     try:
         index.index.to_gpu(device.index or 0)

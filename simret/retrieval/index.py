@@ -330,14 +330,17 @@ class Index:
         return Path(path)
 
     @classmethod
-    def load(cls, path: PathLike) -> Index:
+    def load(cls, path: PathLike, *, mmap: bool = False) -> Index:
+        """Read an index file; ``mmap=True`` maps its vectors / inverted lists from the file instead of reading
+        them (``faiss.IO_FLAG_MMAP``): a large index opens at once and pages in what searches touch."""
         import faiss
 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no FAISS index file {path}")
+        flags = (faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY) if mmap else 0
         try:
-            index = faiss.read_index(str(path))
+            index = faiss.read_index(str(path), flags)
         except RuntimeError as err:
             raise ValueError(f"{path} is not a readable FAISS index ({str(err).splitlines()[0]})") from None
         if index.metric_type != faiss.METRIC_INNER_PRODUCT:

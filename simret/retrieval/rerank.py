@@ -11,7 +11,7 @@ All descriptors are L2-normalised rows; similarities are inner products.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -98,23 +98,36 @@ def dba(database: Any, n: int, alpha: float = 3.0, *, neighbours: Optional[Any] 
         from simret.retrieval.index import Index
 
         _, neighbours = Index.build(x, "flat").search(x, n + 1)
-    neighbours = np.asarray(neighbours, dtype=np.int64)
-    others = _drop_self(neighbours, n)
     augmented = np.empty_like(x)
     for start in range(0, x.shape[0], chunk):
-        rows = slice(start, start + chunk)
-        block = others[rows]
-        valid = block >= 0
-        vectors = x[np.where(valid, block, 0)]  # (b, n, D)
-        weights = _weights(np.einsum("bd,bnd->bn", x[rows], vectors), alpha) * valid
-        augmented[rows] = x[rows] + np.einsum("bn,bnd->bd", weights, vectors)
-    return l2_normalize(augmented)
+        rows = np.arange(start, min(start + chunk, x.shape[0]))
+        augmented[rows] = dba_block(x[rows], rows, np.asarray(neighbours)[rows], lambda picked: x[picked], n, alpha)
+    return augmented
 
 
-def _drop_self(neighbours: np.ndarray, n: int) -> np.ndarray:
+def dba_block(block: np.ndarray, block_rows: np.ndarray, neighbours: np.ndarray,
+              vectors_of: Callable[[np.ndarray], np.ndarray], n: int, alpha: float) -> np.ndarray:
+    """αDBA of some database rows, the rest of the database read through ``vectors_of``.
+
+    Args:
+        block: ``(b, D)`` L2-normalised descriptors of database rows ``block_rows (b,)``.
+        neighbours: ``(b, ≥ n+1)`` database rows nearest to each (itself among them, or not; ``-1``: none).
+        vectors_of: database rows ``(r,)`` → their ``(r, D)`` descriptors.
+
+    Returns:
+        ``(b, D)`` float32 augmented descriptors, L2-normalised.
+    """
+    others = _drop_self(np.asarray(neighbours, dtype=np.int64), n, np.asarray(block_rows, dtype=np.int64))
+    valid = others >= 0
+    unique, inverse = np.unique(np.where(valid, others, 0), return_inverse=True)  # row 0 stands in for none
+    vectors = np.asarray(vectors_of(unique), dtype=np.float32)[inverse.reshape(others.shape)]  # (b, n, D)
+    weights = _weights(np.einsum("bd,bnd->bn", block, vectors), alpha) * valid
+    return l2_normalize(block + np.einsum("bn,bnd->bd", weights, vectors))
+
+
+def _drop_self(neighbours: np.ndarray, n: int, rows: np.ndarray) -> np.ndarray:
     """The first ``n`` neighbours of each row other than the row itself (ties may put it anywhere)."""
-    rows = np.arange(neighbours.shape[0])[:, None]
-    is_self = neighbours == rows
+    is_self = neighbours == rows[:, None]
     order = np.argsort(is_self, axis=1, kind="stable")  # non-self entries first, their order kept
     others = np.take_along_axis(neighbours, order, axis=1)
     if others.shape[1] < n:

@@ -108,7 +108,7 @@ def build_index(source: Union[PathLike, Listing], out: PathLike, encoder: Any,
     from simret.data.images import list_images
 
     settings = settings or IndexSettings()
-    out = _output_dir(out)
+    out = output_dir(out)
     root, listed = source if isinstance(source, tuple) else list_images(source)
     with _exclusive(out, settings.lock_timeout):
         if distributed.is_main_process():
@@ -143,7 +143,7 @@ def _build(out: Path, root: Path, listed: Sequence[str], previous: Previous, enc
         meta = previous.meta
         return BuildSummary(out, len(kept), 0, len(kept), len(failed), meta["index"]["kind"], int(meta["index"]["dim"]),
                             up_to_date=True, failures=failed, generation=str(meta["generation"]))
-    summary = _commit_generation(out, plan, kept, failed, described.computed, previous, checkpoints,
+    summary = commit_generation(out, plan, kept, failed, described.computed, previous, checkpoints,
                                  {**attrs, "dim": encoder.dim}, Identity.of_encoder(encoder, model_spec), settings,
                                  append, encoder, progress)
     checkpoints.remove()
@@ -166,7 +166,7 @@ def build_from_store(out: PathLike, settings: Optional[IndexSettings] = None, *,
         ValueError: ``out`` holds an index of another encoder or root (without ``overwrite``).
     """
     settings = settings or IndexSettings()
-    out = _output_dir(out)
+    out = output_dir(out)
     with writer_lock(out, timeout=settings.lock_timeout):
         remove_stale(out)
         previous = Previous() if overwrite and source is not None else load_previous(out)
@@ -186,7 +186,7 @@ def build_from_store(out: PathLike, settings: Optional[IndexSettings] = None, *,
                 plan.entries.append(Entry(rows.ids[row], key, row, None, False))
             failed = list(rows.skipped.items())
             attrs = {k: v for k, v in rows.attrs.items() if k not in ("generation", "root", "store_format")}
-            return _commit_generation(out, plan, list(range(len(plan.entries))), failed, 0, rows, None, attrs,
+            return commit_generation(out, plan, list(range(len(plan.entries))), failed, 0, rows, None, attrs,
                                       Identity.of_store(rows.attrs, rows.meta), settings, False, None, progress)
         finally:
             previous.close()
@@ -262,7 +262,7 @@ def _exclusive(out: Path, timeout: Optional[float]) -> Iterator[None]:
         yield
 
 
-def _output_dir(out: PathLike) -> Path:
+def output_dir(out: PathLike) -> Path:
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} exists and is not a directory")
@@ -332,14 +332,14 @@ def _up_to_date(previous: Previous, plan: Plan, kept: List[int], failed: List[Tu
     return dict(failed) == previous.skipped
 
 
-def _commit_generation(out: Path, plan: Plan, kept: List[int], failed: List[Tuple[str, str]], computed: int,
-                       previous: Previous, checkpoints: Optional[Checkpoints], attrs: Dict[str, Any],
-                       identity: Identity, settings: IndexSettings, append: bool, encoder: Any,
-                       progress: bool) -> BuildSummary:
+def commit_generation(out: Path, plan: Plan, kept: List[int], failed: List[Tuple[str, str]], computed: int,
+                      previous: Previous, checkpoints: Optional[Checkpoints], attrs: Dict[str, Any],
+                      identity: Identity, settings: IndexSettings, append: bool, encoder: Any,
+                      progress: bool, shards: Optional[List[Any]] = None) -> BuildSummary:
     """Stages 3-5: write the next generation and commit it; on any failure the previous one stays current.
 
     ``previous`` is where reused rows come from (the committed generation, or a store to index as it is);
-    ``encoder`` is needed only to learn a whitening on other images."""
+    ``encoder`` is needed only to learn a whitening on other images; ``shards``: see ``build_searchable``."""
     meta = previous.meta or {}
     sequence = int(meta.get("sequence", 0)) + 1
     generation_id = new_generation_id(sequence)
@@ -351,7 +351,7 @@ def _commit_generation(out: Path, plan: Plan, kept: List[int], failed: List[Tupl
             assembled = assemble_store(target, plan, kept, previous, checkpoints, attrs, dtype, generation_id)
             target = generation.directory
             searchable = build_searchable(generation, assembled, previous, settings, append=append, encoder=encoder,
-                                          progress=progress)
+                                          progress=progress, shards=shards)
             target = generation.path(SKIPPED)
             target.write_text(format_skipped(failed), encoding="utf-8")
             record = _meta_record(generation, generation_id, sequence, plan, assembled, searchable, previous, identity,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 FORMAT = "simret-index"
@@ -108,3 +108,27 @@ def spec_from_meta(model_spec: Dict[str, Any], meta: Dict[str, Any], chosen: Cal
         if not chosen(key) and key in meta.get("model", {}):
             spec[key] = meta["model"][key]
     return spec
+
+
+def summary_lines(meta: Dict[str, Any]) -> List[str]:
+    """``simret info DIR``: what an index directory holds, one fact per line."""
+    index, whitening = meta["index"], meta["whitening"]
+    lines = [f"generation  {meta['generation']} (format {meta.get('format_version', 1)}), updated "
+             f"{meta.get('updated', meta.get('created', '?'))}",
+             f"images      {meta['count']} ({meta.get('skipped', 0)} skipped), root {meta['root']}"
+             + (f"; sources {', '.join(meta['sources'])}" if len(meta.get("sources", [])) > 1 else ""),
+             f"encoder     {meta['fingerprint']} (model {meta['model'].get('arch')}, weights "
+             f"{meta['model'].get('weights')}), scales {meta['scales']}, max size {meta['max_size']}",
+             f"index       {index['kind']} {index.get('params', {})}, {index['dim']}-d, "
+             f"{index.get('bytes_per_vector', 0):g} bytes/vector; whitening {whitening.get('kind', 'none')}"]
+    if index.get("choice"):
+        lines.append(f"choice      {index['choice']}")
+    if "recall_at_10" in index:
+        rescored = f", {index['recall_at_10_rescored']:.3f} with exact re-scoring" \
+            if "recall_at_10_rescored" in index else ""
+        lines.append(f"recall@10   {index['recall_at_10']:.3f}{rescored} (against exact search, "
+                     f"{index.get('recall_queries')} stored images as queries, at {index.get('recall_measured_at')} "
+                     f"images)")
+    if index.get("tuned"):
+        lines.append(f"tuned       {index['tuned']}")
+    return lines

@@ -13,10 +13,11 @@ import io
 import os
 import time
 from pathlib import Path
-from typing import Any, BinaryIO, List, Optional, Sequence, Tuple, Union
+from typing import Any, BinaryIO, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from simret.retrieval.exact import exact_search
 from simret.retrieval.index import DEFAULT_RERANK, Index
 from simret.retrieval.indexdir.layout import Generation, current, current_generation
 from simret.retrieval.indexdir.meta import IndexDamagedError, file_record, read_meta_file, repair_hint
@@ -39,8 +40,12 @@ class IndexDir:
     >>> [index_dir.ids[r] for r in rows[0]]
     """
 
-    def __init__(self, path: PathLike) -> None:
+    def __init__(self, path: PathLike, *, mmap: Optional[bool] = None) -> None:
+        """Open the committed generation of ``path``. ``mmap``: map the FAISS index from its file instead of
+        reading it (True), read it (False), or decide by size (None: maps an index larger than half the
+        memory available). A mapped index is not checked against its checksum (``simret check`` does that)."""
         self.path = Path(path).expanduser()
+        self._mmap = mmap
         if not self.path.is_dir():
             raise FileNotFoundError(f"no index directory {self.path}")
         self._store: Optional[StoreReader] = None
@@ -104,6 +109,11 @@ class IndexDir:
         return Path(self.meta["root"])
 
     @property
+    def count(self) -> int:
+        """How many images the index holds."""
+        return int(self.meta["count"])
+
+    @property
     def generation(self) -> str:
         """The id of the generation this reader answers from (``simret serve`` reloads when it changes)."""
         return str(self.meta["generation"])
@@ -123,12 +133,13 @@ class IndexDir:
         shown = self.generation_dir.shown(INDEX_FILE)
         handle = self._index_file
         handle.seek(0)
+        mmap = self._mmap if self._mmap is not None else should_map(os.fstat(handle.fileno()).st_size)
         expected = file_record(self.meta, "index").get("checksum")
-        if expected and stream_checksum(handle) != expected:
+        if expected and not mmap and stream_checksum(handle) != expected:
             raise IndexDamagedError(damaged(shown), self.path)
         pinned = f"/proc/self/fd/{handle.fileno()}"
         try:
-            index = Index.load(pinned if os.path.exists(pinned) else self.generation_dir.file(INDEX_FILE))
+            index = Index.load(pinned if os.path.exists(pinned) else self.generation_dir.file(INDEX_FILE), mmap=mmap)
         except ValueError as err:
             raise IndexDamagedError(f"{shown} is damaged ({err})", self.path) from None
         if index.ntotal != self.meta["count"]:
@@ -139,6 +150,11 @@ class IndexDir:
     @property
     def ids(self) -> List[str]:
         return self._store.ids
+
+    @property
+    def store(self) -> StoreReader:
+        """The generation's descriptor store, open (it stays readable whatever writers do meanwhile)."""
+        return self._store
 
     @property
     def whitening(self) -> Optional[PCAWhitening]:
@@ -176,34 +192,55 @@ class IndexDir:
         """Search raw query descriptors ``(Q, D)``; optional αQE (``qe`` neighbours) and αDBA (``dba``).
 
         An ivfpq index re-scores its top ``k·rerank`` candidates with the exact (memory-mapped) stored
-        descriptors (``rerank=0``: compressed scores only).
+        descriptors (``rerank=0``: compressed scores only). A directory without an index (``--index none``)
+        is searched exactly, reading the store block by block (it never needs to fit in memory).
 
         Returns ``(scores (Q, k'), rows (Q, k'))``; ``rows`` index ``self.ids``.
         """
         from simret.retrieval.rerank import alpha_qe
-        from simret.retrieval.rerank import dba as augment
 
         queries = self.prepare(raw_queries)
         if dba:
             log.info("database-side augmentation over %d descriptors (n=%d, alpha=%g)", self.meta["count"], dba, alpha)
-            database = augment(self.database_vectors(), dba, alpha)
-            index = Index.build(database, "flat")
-
-            def vectors(rows: np.ndarray) -> np.ndarray:
-                return database[rows]
+            augmented = self._augmented(dba, alpha)
+            nearest = augmented.search
+            vectors = augmented.reconstruct
         else:
-            index = self.index
+            nearest = self._nearest(rerank)
             vectors = self.exact_vectors
-        exact = self.exact_vectors if rerank and not dba else None
-        scores, rows = index.search(queries, max(k, qe), exact=exact, rerank=rerank)
+        scores, rows = nearest(queries, max(k, qe))
         if qe:
             top = rows[:, :qe]
             valid = top >= 0
             unique, inverse = np.unique(np.where(valid, top, 0), return_inverse=True)
             local = np.where(valid, inverse.reshape(top.shape), -1)
             queries = alpha_qe(queries, vectors(unique), local, min(qe, top.shape[1]), alpha, layout="I")
-            scores, rows = index.search(queries, k, exact=exact, rerank=rerank)
+            scores, rows = nearest(queries, k)
         return scores[:, :k], rows[:, :k]
+
+    def _nearest(self, rerank: int = DEFAULT_RERANK) -> Callable[[np.ndarray, int], Tuple[np.ndarray, np.ndarray]]:
+        """``(prepared queries, k) → (scores, rows)``: the FAISS index (ivfpq candidates re-scored exactly), or
+        an exact scan of the store where there is no index."""
+        if not self.searchable:
+            return lambda queries, k: exact_search(self._store.blocks(), queries, k, prepare=self.prepare)
+        exact = self.exact_vectors if rerank else None
+        return lambda queries, k: self.index.search(queries, k, exact=exact, rerank=rerank)
+
+    def _augmented(self, n: int, alpha: float) -> Index:
+        """A flat index of the αDBA-augmented database, built block by block (memory: that index and a block)."""
+        from simret.retrieval.rerank import dba_block
+
+        n = min(n, self.meta["count"] - 1)
+        nearest = self._nearest()
+        augmented: Optional[Index] = None
+        for first, block in self._store.blocks():
+            prepared = self.prepare(block)
+            _, neighbours = nearest(prepared, n + 1)
+            rows = np.arange(first, first + len(block))
+            vectors = dba_block(prepared, rows, neighbours, self.exact_vectors, n, alpha)
+            augmented = augmented or Index.create(vectors.shape[1], "flat")
+            augmented.add(vectors)
+        return augmented
 
     # ------------------------------------------------------------------------------------------ lifetime
 
@@ -221,3 +258,15 @@ class IndexDir:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def should_map(index_bytes: int) -> bool:
+    """Whether an index of this size is better mapped than read: larger than half the available memory."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return index_bytes > int(line.split()[1]) * 1024 // 2
+    except (OSError, ValueError, IndexError):
+        pass
+    return False

@@ -26,6 +26,9 @@ class IndexSettings:
     keep_missing: bool = False  # keep entries under the root whose images are no longer listed
     verify_content: bool = False  # compare content digests, not only sizes and modification times
     lock_timeout: Optional[float] = None  # seconds to wait for another writer (None: as long as it takes)
+    max_memory: Optional[int] = None  # bytes the index may take: its kind and parameters are chosen to fit
+    max_latency_ms: Optional[float] = None  # per-query search time to tune ivfpq nprobe / hnsw efSearch to
+    train_from: Optional[str] = None  # an index directory whose trained index and whitening this one reuses
 
     def __post_init__(self) -> None:
         if self.whiten not in ("pca", "none"):
