@@ -338,11 +338,19 @@ class Index:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no FAISS index file {path}")
-        flags = (faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY) if mmap else 0
-        try:
-            index = faiss.read_index(str(path), flags)
-        except RuntimeError as err:
-            raise ValueError(f"{path} is not a readable FAISS index ({str(err).splitlines()[0]})") from None
+        # flat and hnsw storage maps with MMAP_IFC, inverted lists with MMAP (the two together fail for IVF)
+        attempts = [faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY] \
+            if mmap else [0]
+        for number, flags in enumerate(attempts):
+            try:
+                index = faiss.read_index(str(path), flags)
+            except RuntimeError as err:
+                if number + 1 < len(attempts):
+                    continue
+                raise ValueError(f"{path} is not a readable FAISS index ({str(err).splitlines()[0]})") from None
+            if mmap and number == 0 and isinstance(index, faiss.IndexIVF):  # its lists were read, not mapped
+                continue
+            break
         if index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise ValueError(f"{path} does not use inner-product similarity; simret indexes always do")
         return cls(index)
