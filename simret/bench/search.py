@@ -14,26 +14,29 @@ TITLE = "Search: flat (exact) and IVF-PQ on 1M x 384 descriptors"
 K = 10
 
 
-def clustered_unit_vectors(n: int, dim: int, *, latent: int = 32, n_clusters: int = 4000, spread: float = 0.35,
-                           noise: float = 0.05, seed: int = 0, data_seed: int = 0,
-                           chunk: int = 100_000) -> np.ndarray:
-    """``(n, dim)`` float32 unit vectors shaped like image descriptors: clusters in a ``latent``-dimensional
-    subspace (Gaussian around ``n_clusters`` centres) embedded in ``dim`` dimensions, plus isotropic noise.
+def clustered_unit_chunks(n: int, dim: int, *, latent: int = 32, n_clusters: int = 4000, spread: float = 0.35,
+                          noise: float = 0.05, seed: int = 0, data_seed: int = 0, chunk: int = 100_000):
+    """``(n, dim)`` float32 unit vectors shaped like image descriptors, yielded ``chunk`` rows at a time:
+    clusters in a ``latent``-dimensional subspace (Gaussian around ``n_clusters`` centres) embedded in ``dim``
+    dimensions, plus isotropic noise.
 
     ``data_seed`` fixes the subspace and the centres (share it between database and queries); ``seed`` draws
-    the points. Generated in chunks of ``chunk`` rows.
+    the points.
     """
     shared = np.random.default_rng(data_seed)
     basis = np.linalg.qr(shared.standard_normal((dim, latent)))[0].astype(np.float32)  # (dim, latent)
     centres = shared.standard_normal((n_clusters, latent)).astype(np.float32)
     rng = np.random.default_rng(seed)
-    out = np.empty((n, dim), np.float32)
     for start in range(0, n, chunk):
         size = min(n, start + chunk) - start
         z = centres[rng.integers(0, n_clusters, size)] + spread * rng.standard_normal((size, latent), dtype=np.float32)
         rows = z @ basis.T + noise * rng.standard_normal((size, dim), dtype=np.float32)
-        out[start:start + size] = rows / np.linalg.norm(rows, axis=1, keepdims=True)
-    return out
+        yield rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def clustered_unit_vectors(n: int, dim: int, **options) -> np.ndarray:
+    """All of ``clustered_unit_chunks`` in one ``(n, dim)`` array."""
+    return np.concatenate(list(clustered_unit_chunks(n, dim, **options)))
 
 
 def torch_topk(database, queries: np.ndarray, k: int, chunk: int = 65536):

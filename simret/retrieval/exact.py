@@ -11,6 +11,7 @@ from typing import Callable, Iterable, Optional, Tuple
 import numpy as np
 
 Prepare = Callable[[np.ndarray], np.ndarray]
+SCORES_PER_STEP = 1 << 23  # query × row scores computed at once (32 MB of float32)
 
 
 class RunningTopK:
@@ -25,16 +26,18 @@ class RunningTopK:
         self.rows = np.zeros((n_queries, 0), np.int64)
 
     def add(self, scores: np.ndarray, first_row: int) -> None:
-        """``scores (Q, B)`` of rows ``first_row … first_row + B - 1``."""
-        rows = np.broadcast_to(np.arange(first_row, first_row + scores.shape[1], dtype=np.int64), scores.shape)
-        all_scores = np.concatenate([self.scores, scores.astype(np.float32, copy=False)], axis=1)
+        """``scores (Q, B)`` of rows ``first_row … first_row + B - 1`` (memory: the block and ``Q × 2k``)."""
+        scores = scores.astype(np.float32, copy=False)
+        if scores.shape[1] > self.k:  # the block's own best k first (ties: argpartition may pick either; the
+            # exact order below breaks them by row, and a tie at the k-th place is rare enough to accept)
+            part = np.argpartition(-scores, self.k - 1, axis=1)[:, :self.k]
+            rows = part.astype(np.int64) + first_row
+            scores = np.take_along_axis(scores, part, axis=1)
+        else:
+            rows = np.broadcast_to(np.arange(first_row, first_row + scores.shape[1], dtype=np.int64), scores.shape)
+        all_scores = np.concatenate([self.scores, scores], axis=1)
         all_rows = np.concatenate([self.rows, rows], axis=1)
-        keep = min(self.k, all_scores.shape[1])
-        if all_scores.shape[1] > keep:  # candidates: a partition, then an exact order among the kept ones
-            part = np.argpartition(-all_scores, keep - 1, axis=1)[:, :keep]
-            all_scores = np.take_along_axis(all_scores, part, axis=1)
-            all_rows = np.take_along_axis(all_rows, part, axis=1)
-        order = np.lexsort((all_rows, -all_scores), axis=1)
+        order = np.lexsort((all_rows, -all_scores), axis=1)[:, :self.k]
         self.scores = np.take_along_axis(all_scores, order, axis=1)
         self.rows = np.take_along_axis(all_rows, order, axis=1)
 
@@ -56,13 +59,17 @@ def exact_search(blocks: Iterable[Tuple[int, np.ndarray]], queries: np.ndarray, 
         ``(scores (Q, k'), rows (Q, k'))`` best first, ``k' = min(k, rows seen)``.
     """
     top = RunningTopK(queries.shape[0], k)
+    step = max(1, SCORES_PER_STEP // max(1, queries.shape[0]))  # bounds the (Q, step) score matrix
     for first, block in blocks:
         vectors = prepare(block) if prepare is not None else block
-        scores = queries @ vectors.T
-        if exclude is not None:
-            inside = (exclude >= first) & (exclude < first + len(block))
-            scores[np.flatnonzero(inside), exclude[inside] - first] = -np.inf
-        top.add(scores, first)
+        for offset in range(0, len(vectors), step):
+            part = vectors[offset:offset + step]
+            start = first + offset
+            scores = queries @ part.T
+            if exclude is not None:
+                inside = (exclude >= start) & (exclude < start + len(part))
+                scores[np.flatnonzero(inside), exclude[inside] - start] = -np.inf
+            top.add(scores, start)
     return top.result()
 
 

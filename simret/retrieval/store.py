@@ -471,6 +471,9 @@ class RowAccess:
             return
         self._file = open(self.path, "rb")
         self._map = np.memmap(self._file, dtype=np.uint8, mode="r")
+        # every byte offset as the start of one row's bytes (overlapping items): a row gather is one fancy index
+        self._rows_at = np.ndarray((len(self._map) - self._row_bytes + 1,), dtype=np.dtype((np.void, self._row_bytes)),
+                                   buffer=self._map, offset=0, strides=(1,))
         self._handle.close()
 
     def __len__(self) -> int:
@@ -489,8 +492,7 @@ class RowAccess:
             starts = self._offset + index * self._row_bytes
         else:
             starts = self._chunk_offsets[index // self._chunk_rows] + (index % self._chunk_rows) * self._row_bytes
-        gathered = self._map[starts[:, None] + np.arange(self._row_bytes)]
-        return gathered.view(self.dtype).reshape(index.size, self.shape[1])
+        return self._rows_at[starts].view(self.dtype).reshape(index.size, self.shape[1])
 
 
 def _chunk_offsets(table: Any, rows_per_chunk: int) -> np.ndarray:
