@@ -290,7 +290,7 @@ def test_unreadable_images_are_skipped_and_listed(digits, tmp_path, messages):
                                **{**TINY, "split": None}), show_progress=False)
     assert (result.history[0]["skipped"], result.history[0]["images"]) == (1, 39)
     lines = (tmp_path / "out" / "skipped.tsv").read_text().splitlines()
-    assert lines[0] == "path\treason" and lines[1].startswith("digit_0/broken.png\t") and len(lines) == 2
+    assert lines[0] == "id\treason" and lines[1].startswith("digit_0/broken.png\t") and len(lines) == 2
     assert any("1 unreadable image(s) skipped" in m for m in messages)
     assert any("--amp applies to CUDA devices only" in m for m in messages)
     assert (tmp_path / "out" / "encoder.safetensors").is_file()

@@ -12,12 +12,11 @@ on the support set). Transductive methods are refused: their answer for one imag
 images classified with it. Scores are the method's own (higher is better), not probabilities.
 
 Support features are a feature bank cached per support folder and encoder (``simret.fewshot.cache``; kind
-``classify``), with a manifest of every support file's size and modification time: adding, removing,
-renaming or editing a support image makes the next classifier extract the bank again.
+``classify``); the bank records every support file's size and modification time: a support image edited in
+place is described again, adding, removing or renaming one makes the next classifier extract the bank again.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +67,7 @@ class SupportClassifier:
         cache_dir: where the support bank is kept (default: ``simret.fewshot.cache`` under kind ``classify``).
         image_size, crop_pct: preprocessing (default: the encoder's); queries get the same.
         batch_size, workers, device: for extraction (device default: the encoder's).
+        lock_timeout, verify_content: for the support bank (``simret.fewshot.features.feature_bank``).
         top: how many best classes each prediction lists.
 
     Raises:
@@ -79,7 +79,8 @@ class SupportClassifier:
     def __init__(self, encoder, support_dir: PathLike, method: str = DEFAULT_METHOD, *,
                  base_mean: Union[None, PathLike, np.ndarray] = None, cache_dir: Optional[PathLike] = None,
                  image_size: Optional[int] = None, crop_pct: Optional[float] = None, batch_size: int = 64,
-                 workers: int = 0, device: Union[str, torch.device, None] = None, top: int = DEFAULT_TOP) -> None:
+                 workers: int = 0, device: Union[str, torch.device, None] = None, top: int = DEFAULT_TOP,
+                 lock_timeout: Optional[float] = None, verify_content: bool = False) -> None:
         from simret.fewshot.cache import features_cache_dir
         from simret.fewshot.features import bank_settings
 
@@ -95,7 +96,8 @@ class SupportClassifier:
         self.options = {"batch_size": int(batch_size), "workers": int(workers), "device": device}
         self.directory = Path(cache_dir) if cache_dir is not None else features_cache_dir(
             "classify", self.split.source, "folders", encoder.fingerprint, self.settings)
-        self.bank = support_bank(encoder, self.split, self.directory, self.settings, **self.options)
+        self.bank = support_bank(encoder, self.split, self.directory, self.settings, lock_timeout=lock_timeout,
+                                 verify_content=verify_content, **self.options)
 
     @property
     def classes(self) -> List[str]:
@@ -190,35 +192,12 @@ def load_support(support_dir: PathLike) -> Split:
 
 
 def support_bank(encoder, split: Split, directory: PathLike, settings: Dict[str, Any], **kwargs: Any):
-    """The support features (a ``FeatureBank``), extracted again whenever a support file changed."""
-    from simret.fewshot.features import bank_path, feature_bank
-    from simret.utils.atomic import write_json_atomic
+    """The support features (a ``FeatureBank``): the support images edited since are described again, and the
+    whole bank is extracted again when images were added, removed or renamed (``feature_bank``)."""
+    from simret.fewshot.features import feature_bank
 
-    directory = Path(directory)
-    manifest_path = directory / f"support-{split.name}.json"
-    manifest = support_manifest(split)
-    try:
-        stored = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        stored = None
-    if stored != manifest:
-        bank = bank_path(directory, split.name)
-        for stale in (bank, bank.with_name(bank.name + ".partial")):
-            if stale.exists():
-                log.info("support set %s changed: extracting its features again", split.source)
-                stale.unlink()
-        write_json_atomic(manifest_path, manifest)
     return feature_bank(encoder, split, directory, image_size=settings["image_size"], crop_pct=settings["crop_pct"],
                         **kwargs)
-
-
-def support_manifest(split: Split) -> Dict[str, Any]:
-    """``{"root", "files": {id: [size, mtime_ns]}}`` of every support image."""
-    files = {}
-    for image_id in split.ids:
-        stat = (split.root / image_id).stat()
-        files[image_id] = [int(stat.st_size), int(stat.st_mtime_ns)]
-    return {"root": str(split.root), "files": files}
 
 
 # ------------------------------------------------------------------------------------------ method

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import click
 
-from simret.commands.options import model_options
+from simret.commands.options import lock_timeout_option, model_options, verify_content_option
 
 FORMATS = ["table", "jsonl", "tsv"]
 
@@ -35,10 +35,13 @@ FORMATS = ["table", "jsonl", "tsv"]
                    "$SIMRET_CACHE or ~/.cache/simret/classify); re-extracted when a support image changes.")
 @click.option("-b", "--batch-size", type=int, default=32, show_default=True, help="Images per forward pass.")
 @click.option("-j", "--workers", type=int, default=0, show_default=True, help="Image-loading worker processes.")
+@verify_content_option
+@lock_timeout_option
 @click.pass_context
 def classify(ctx: click.Context, support_dir: Path, images: Tuple[Path, ...], method: str, base_mean: Optional[Path],
              top: int, fmt: str, model_spec: Dict[str, Any], img_size: Optional[int], crop_pct: Optional[float],
-             cache_dir: Optional[Path], batch_size: int, workers: int) -> None:
+             cache_dir: Optional[Path], batch_size: int, workers: int, verify_content: bool,
+             lock_timeout: Optional[float]) -> None:
     """Predict the class of each image (files, or folders of images) from the examples in SUPPORT_DIR.
 
     \b
@@ -79,7 +82,8 @@ def classify(ctx: click.Context, support_dir: Path, images: Tuple[Path, ...], me
     encoder, device = build_encoder(model_spec, ctx)
     classifier = SupportClassifier(encoder, support_dir, method, base_mean=base_mean, cache_dir=cache_dir,
                                    image_size=img_size, crop_pct=crop_pct, batch_size=batch_size, workers=workers,
-                                   device=device, top=top)
+                                   device=device, top=top, lock_timeout=lock_timeout,
+                                   verify_content=verify_content)
     log.info("support: %s", classifier.describe())
     predictions = classifier.classify([str(p) for p in paths], skip_unreadable=True)
     if not predictions:

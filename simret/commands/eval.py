@@ -6,7 +6,15 @@ from typing import Any, Dict, Optional
 
 import click
 
-from simret.commands.options import ALPHA, BATCH_SIZE, MAX_SIZE, NEIGHBOURS, WORKERS, model_options
+from simret.commands.options import (
+    ALPHA,
+    BATCH_SIZE,
+    MAX_SIZE,
+    NEIGHBOURS,
+    WORKERS,
+    lock_timeout_option,
+    model_options,
+)
 
 DISTRACTOR_NAMES = {"r1m": "revisitop1m", "revisitop1m": "revisitop1m"}
 
@@ -39,9 +47,11 @@ DISTRACTOR_NAMES = {"r1m": "revisitop1m", "revisitop1m": "revisitop1m"}
               help="Where descriptors are kept between runs (default: ~/.cache/simret/eval or $SIMRET_CACHE/eval).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write every result (fractions), the encoder's provenance and the settings as JSON.")
+@lock_timeout_option
 def evaluate(dataset: str, data_root: Path, model_spec: Dict[str, Any], scales: str, max_size: int,
              distractors: Optional[str], qe: int, dba: int, alpha: float, whiten_on: Optional[str], half: bool,
-             batch_size: int, workers: Optional[int], cache: Optional[Path], out: Optional[Path]) -> None:
+             batch_size: int, workers: Optional[int], cache: Optional[Path], out: Optional[Path],
+             lock_timeout: Optional[float]) -> None:
     """Evaluate an encoder on DATASET (roxford5k, rparis6k, or any folder in their layout under
     --data-root) with the Revisited protocol, and print the standard table (mAP and mP@1/5/10 in % for the
     Easy, Medium and Hard setups), one per configuration: plain, +R1M distractors, +αQE, +αDBA.
@@ -65,7 +75,7 @@ def evaluate(dataset: str, data_root: Path, model_spec: Dict[str, Any], scales: 
 
     settings = EvalSettings(scales=parse_scales(scales), max_size=max_size or None, batch_size=batch_size,
                             workers=workers, half=half, distractors=DISTRACTOR_NAMES.get(distractors or ""),
-                            qe=qe, dba=dba, alpha=alpha, whiten_on=whiten_on, cache_dir=cache)
+                            qe=qe, dba=dba, alpha=alpha, whiten_on=whiten_on, cache_dir=cache, lock_timeout=lock_timeout)
     from simret.data.revisited import load_distractors, load_revisited
 
     load_revisited(data_root, dataset)  # a missing or malformed dataset fails before any model is built

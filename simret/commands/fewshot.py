@@ -12,8 +12,10 @@ from simret.commands.options import (
     FiniteFloatRange,
     HintedIntRange,
     PixelRange,
+    lock_timeout_option,
     model_options,
     positive_int_list,
+    verify_content_option,
 )
 
 DEFAULT_METHODS = "simpleshot"
@@ -56,15 +58,17 @@ DEFAULT_METHODS = "simpleshot"
               help="Images per forward pass.")
 @click.option("-j", "--workers", type=WORKERS, default=2, show_default=True,
               help="Image-loading worker processes.")
+@verify_content_option
+@lock_timeout_option
 @click.pass_context
 def fewshot(ctx: click.Context, split_root: Path, split_format: str, split: str, base_split: str,
             model_spec: Dict[str, Any], img_size: Optional[int], crop_pct: Optional[float], n_way: int, shots: str,
             n_query: int, n_episodes: int, methods: str, seed: int, out: Optional[Path], features_dir: Optional[Path],
-            batch_size: int, workers: int) -> None:
+            batch_size: int, workers: int, verify_content: bool, lock_timeout: Optional[float]) -> None:
     """Evaluate an encoder on N-way K-shot episodes of SPLIT_ROOT and print accuracy ± 95% CI per method and shot.
 
     Features of every image are extracted once per split into features-<split>.h5 (resumable, reused by later
-    runs with the same encoder and image size); episodes are drawn from --split with --seed, the same episodes
+    runs with the same encoder and image size; images replaced since are described again); episodes are drawn from --split with --seed, the same episodes
     for every method; the 95% confidence interval is 1.96·std/√episodes (std with ddof=0). SimpleShot
     subtracts the mean feature of --base-split (CL2N); without that split it falls back to L2N, with a warning.
 
@@ -86,7 +90,8 @@ def fewshot(ctx: click.Context, split_root: Path, split_format: str, split: str,
     settings = FewShotSettings(split=split, base_split=base_split, split_format=split_format, n_way=n_way,
                                shots=tuple(shot_list), n_query=n_query, n_episodes=n_episodes,
                                methods=tuple(method_list), seed=seed, image_size=img_size, crop_pct=crop_pct,
-                               features_dir=features_dir, batch_size=batch_size, workers=workers)
+                               features_dir=features_dir, batch_size=batch_size, workers=workers,
+                               lock_timeout=lock_timeout, verify_content=verify_content)
     splits = load_splits(split_root, settings)  # a missing or malformed split fails before any model is built
     encoder, device = build_encoder(model_spec, ctx)
     settings.device = device

@@ -169,6 +169,14 @@ def lock_timeout_option(command: Callable) -> Callable:
                              "long as it takes; 0: fail at once).")(command)
 
 
+def verify_content_option(command: Callable) -> Callable:
+    """``--verify-content`` for commands that keep descriptors of image files and reuse them while the files are
+    unchanged (size and modification time; with this flag also the SHA-256 of the bytes, which are stored)."""
+    return click.option("--verify-content", is_flag=True,
+                        help="Also compare file contents (SHA-256), not only sizes and modification times, to find "
+                             "images replaced in place; the digests are stored.")(command)
+
+
 def positive_int_list(text: str, option: str) -> List[int]:
     """``"1,5,5"`` → ``[1, 5]`` (comma-separated integers >= 1, duplicates dropped); a usage error otherwise."""
     try:

@@ -6,7 +6,12 @@ from typing import Any, Dict, List, Optional
 
 import click
 
-from simret.commands.options import model_options, positive_int_list
+from simret.commands.options import (
+    lock_timeout_option,
+    model_options,
+    positive_int_list,
+    verify_content_option,
+)
 
 PROBES = ("knn", "linear")
 NORM_CHOICES = ["bn", "l2n", "none"]
@@ -46,11 +51,14 @@ NORM_CHOICES = ["bn", "l2n", "none"]
                    "encoder under $SIMRET_CACHE or ~/.cache/simret/probe).")
 @click.option("-b", "--batch-size", type=int, default=64, show_default=True, help="Images per forward pass.")
 @click.option("-j", "--workers", type=int, default=2, show_default=True, help="Image-loading worker processes.")
+@verify_content_option
+@lock_timeout_option
 @click.pass_context
 def probe(ctx: click.Context, root: Path, methods: str, train_split: str, val_split: str, model_spec: Dict[str, Any],
           img_size: Optional[int], crop_pct: Optional[float], ks: str, temperature: float,
           learning_rates: Optional[str], epochs: int, linear_batch_size: int, linear_norm: str, seed: int,
-          out: Optional[Path], features_dir: Optional[Path], batch_size: int, workers: int) -> None:
+          out: Optional[Path], features_dir: Optional[Path], batch_size: int, workers: int, verify_content: bool,
+          lock_timeout: Optional[float]) -> None:
     """Top-1 / top-5 accuracy on ROOT/val of classifiers trained on the frozen features of ROOT/train.
 
     \b
@@ -100,7 +108,8 @@ def probe(ctx: click.Context, root: Path, methods: str, train_split: str, val_sp
     directory = features_dir if features_dir is not None else features_cache_dir("probe", root, "folders",
                                                                                    encoder.fingerprint, settings)
     banks = probe_banks(encoder, train, val, directory, image_size=settings["image_size"],
-                        crop_pct=settings["crop_pct"], batch_size=batch_size, workers=workers, device=device)
+                        crop_pct=settings["crop_pct"], batch_size=batch_size, workers=workers, device=device,
+                        lock_timeout=lock_timeout, verify_content=verify_content)
     results = run_probe(banks, method_list, ks=k_list, temperature=temperature,
                         learning_rates=rates or LEARNING_RATES, epochs=epochs, batch_size=linear_batch_size,
                         norm=linear_norm, seed=seed, device=device, progress=progress.is_enabled())

@@ -5,7 +5,7 @@ from typing import Any, Dict, Optional
 
 import click
 
-from simret.commands.options import command_device, model_options
+from simret.commands.options import command_device, lock_timeout_option, model_options
 
 
 @click.command(short_help="Fine-tune an encoder on labelled images (one process, or many with torchrun).")
@@ -48,6 +48,7 @@ from simret.commands.options import command_device, model_options
 @click.option("--overwrite", is_flag=True, help="Start afresh even if CKPT_DIR already holds a checkpoint.")
 @click.option("--keep", type=int, default=0, show_default=True, metavar="N",
               help="Also keep the N most recent epochs as epoch-NNN.pth (last.pth is always kept).")
+@lock_timeout_option
 @click.pass_context
 def train(ctx: click.Context, data: str, out: str, split: Optional[str], model_spec: Dict[str, Any],
           **options: Any) -> None:

@@ -60,6 +60,8 @@ class FewShotSettings:
     batch_size: int = 64
     workers: int = 2  # image-loading worker processes
     device: Any = None  # where the encoder runs (default: where its parameters are)
+    lock_timeout: Optional[float] = None  # seconds to wait for another writer of the banks (None: as long as it takes)
+    verify_content: bool = False  # also compare the images' SHA-256 to find files replaced in place
 
 
 @dataclass
@@ -158,7 +160,8 @@ def run_fewshot(encoder: Any, split_root: PathLike, settings: Optional[FewShotSe
     directory = Path(settings.features_dir) if settings.features_dir is not None else default_features_dir(
         split_root, splits.format, encoder.fingerprint, preprocessing)
     options = {**preprocessing, "batch_size": settings.batch_size, "workers": settings.workers,
-               "device": settings.device}
+               "device": settings.device, "lock_timeout": settings.lock_timeout,
+               "verify_content": settings.verify_content}
     bank = feature_bank(encoder, splits.split, directory, **options)
     base_mean = feature_bank(encoder, splits.base, directory, **options).mean() if splits.base is not None else None
     results = _evaluate_methods(bank, base_mean, settings)

@@ -80,9 +80,18 @@ def seed_everything(seed: int) -> None:
 
 
 def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` atomically (temporary file + rename: a crash never leaves half a file)."""
+    """Write ``state`` to ``path`` atomically (temporary file + rename: a crash never leaves half a file), flushed
+    to disk before the rename.
+
+    Raises:
+        OSError: the file could not be written (disk full …: written through a Python file, so the error keeps
+            its errno instead of becoming torch's RuntimeError); ``path`` is left as it was.
+    """
     with atomic_path(path) as temporary:
-        torch.save(state, str(temporary))
+        with open(temporary, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
     return Path(path)
 
 

@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -46,6 +46,7 @@ from simret.utils.distributed import (
     all_gather_object,
     all_reduce_sum,
     barrier,
+    broadcast_object,
     distributed_session,
 )
 from simret.utils.logs import get_logger
@@ -94,6 +95,7 @@ class TrainConfig:
     overwrite: bool = False
     keep: int = 0
     deterministic: bool = False
+    lock_timeout: Optional[float] = None  # seconds to wait for another run writing ``out`` (None: as long as it takes)
 
     def resolved(self) -> TrainConfig:
         """A copy with defaults filled in (lr by ``freeze_trunk``, ``none`` weights → None) and checked."""
@@ -117,6 +119,8 @@ class TrainConfig:
             (0 <= config.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {config.label_smoothing}"),
             (config.scale > 0, f"--scale (ArcFace) must be positive, got {config.scale}"),
             (not (config.resume and config.overwrite), "--resume and --overwrite exclude each other"),
+            (config.lock_timeout is None or config.lock_timeout >= 0,
+             f"--lock-timeout must be non-negative, got {config.lock_timeout}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -244,6 +248,7 @@ class _Run:
         self.show_progress = show_progress and self.main
         self.out = Path(config.out).expanduser()
         self.last = self.out / LAST
+        self.saved_epoch: Optional[int] = None  # the epoch last.pth holds (None: unknown, or none written)
 
     def say(self, message: str, *args: Any) -> None:
         if self.main:
@@ -256,6 +261,37 @@ class _Run:
     # ----------------------------------------------------------------------------------- set-up
 
     def run(self) -> TrainResult:
+        if self.out.exists() and not self.out.is_dir():
+            raise NotADirectoryError(f"--out {self.out} exists and is not a folder")
+        if self.config.resume and not self.last.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint to continue at {self.last} "
+                                    f"(train without --resume to start one)")
+        with self._exclusive_output():
+            return self._train()
+
+    @contextlib.contextmanager
+    def _exclusive_output(self) -> Iterator[None]:
+        """Hold the writer lock of the checkpoint folder for the run (rank 0 holds it for every rank: the others
+        start once it does, or fail with it), after removing the temporaries of a killed run."""
+        from simret.utils.commit import remove_temporaries
+        from simret.utils.locking import LockTimeoutError, writer_lock
+
+        with contextlib.ExitStack() as stack:
+            failure: Optional[BaseException] = None
+            if self.main:
+                try:
+                    stack.enter_context(writer_lock(self.out, timeout=self.config.lock_timeout,
+                                                    what=f"the checkpoint folder {self.out}"))
+                except LockTimeoutError as err:
+                    failure = err
+            shared = broadcast_object(None if failure is None else str(failure))
+            if shared is not None:
+                raise failure if failure is not None else LockTimeoutError(shared)
+            if self.main:
+                remove_temporaries(self.out)
+            yield
+
+    def _train(self) -> TrainResult:
         if self.config.workers is None:
             processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.context.distributed else 1
             self.config = dataclasses.replace(self.config,
@@ -322,17 +358,16 @@ class _Run:
         if self.main:
             from simret.models import save_encoder
 
-            save_encoder(encoder, encoder_file, extra={"training": {
-                "epochs": config.epochs, "loss": config.loss, "classes": len(data.classes),
-                "freeze_trunk": config.freeze_trunk, "data": str(Path(config.data).expanduser().resolve()),
-                "split": config.split}})
+            with self._writing(encoder_file):
+                save_encoder(encoder, encoder_file, extra={"training": {
+                    "epochs": config.epochs, "loss": config.loss, "classes": len(data.classes),
+                    "freeze_trunk": config.freeze_trunk, "data": str(Path(config.data).expanduser().resolve()),
+                    "split": config.split}})
         barrier()
         return TrainResult(self.last, encoder_file, config.epochs, list(data.classes), history, encoder.fingerprint)
 
     def _prepare_output(self) -> None:
         config = self.config
-        if self.out.exists() and not self.out.is_dir():
-            raise NotADirectoryError(f"--out {self.out} exists and is not a folder")
         if config.resume:
             if not self.last.is_file():
                 raise FileNotFoundError(f"--resume: no checkpoint to continue at {self.last} "
@@ -460,6 +495,7 @@ class _Run:
         if saved.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(saved["scaler"])
         epoch = int(saved["epoch"])
+        self.saved_epoch = epoch
         self.say("resuming %s after epoch %d (step %d)", self.last, epoch, schedule.position)
         return epoch
 
@@ -540,7 +576,8 @@ class _Run:
         failure_lists = all_gather_object(failures)
         if not seen:  # every rank sees the same totals: all stop, and no checkpoint is overwritten
             if self.main:
-                self._write_skipped(failure_lists)
+                with self._writing(self.out / SKIPPED_FILE):
+                    self._write_skipped(failure_lists)
             raise ValueError(f"epoch {epoch + 1}: no image of {config.data} could be read ({int(skipped)} "
                              f"unreadable, listed in {self.out / SKIPPED_FILE}): fix or remove them")
         if self.main:
@@ -559,10 +596,7 @@ class _Run:
                 "world_size": self.context.world_size,
                 "args": config.plain(),
             }
-            save_checkpoint(self.last, state)
-            keep_epoch_copy(self.out, epoch + 1, config.keep)
-            append_log(self.out, record)
-            self._write_skipped(failure_lists)
+            self._save_epoch(state, record, failure_lists)
             note = f", {int(skipped)} unreadable image(s) skipped (see {SKIPPED_FILE})" if skipped else ""
             log.info("epoch %d/%d  loss %.4f  acc %.1f%%  lr %.2e  %.1f s (%.0f img/s)%s  → %s", epoch + 1,
                      config.epochs, record["loss"], 100 * record["accuracy"], record["lr"], seconds,
@@ -570,25 +604,55 @@ class _Run:
         barrier()
         return record
 
+    def _save_epoch(self, state: Dict[str, Any], record: Dict[str, Any], failure_lists: List[Dict[str, str]]) -> None:
+        """Write the epoch's checkpoint, its epoch copy, log line and skipped list, as one step: Ctrl-C or
+        SIGTERM arriving meanwhile is delivered once they are all written."""
+        from simret.utils.atomic import deferred_interrupts
+
+        epoch = int(record["epoch"])
+        with deferred_interrupts():
+            with self._writing(self.last):
+                save_checkpoint(self.last, state)
+            self.saved_epoch = epoch
+            with self._writing(self.out / f"epoch-{epoch:03d}.pth"):
+                keep_epoch_copy(self.out, epoch, self.config.keep)
+            with self._writing(self.out / LOG_FILE):
+                append_log(self.out, record)
+            with self._writing(self.out / SKIPPED_FILE):
+                self._write_skipped(failure_lists)
+
+    @contextlib.contextmanager
+    def _writing(self, path: Path) -> Iterator[None]:
+        """An OSError while writing ``path`` (disk full, no permission …) becomes one clear ``DiskWriteError``
+        saying what is left intact."""
+        from simret.utils.atomic import DiskWriteError, write_failure
+
+        try:
+            yield
+        except (DiskWriteError, FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise
+        except OSError as err:
+            if self.last.is_file():
+                saved = f" (epoch {self.saved_epoch})" if self.saved_epoch else ""
+                intact = (f"the previous checkpoint {self.last}{saved} is intact: free some space, then continue with "
+                          f"the same command and --resume")
+            else:
+                intact = "no checkpoint was written yet: free some space, then run the same command again"
+            raise write_failure(path, err, intact) from None
+
     def _write_skipped(self, failure_lists: List[Dict[str, str]]) -> None:
+        """Add this epoch's unreadable images to ``skipped.tsv`` (``simret.utils.skipped``: ``id<TAB>reason``;
+        a file of an older simret, ``path<TAB>reason``, is read as well)."""
+        from simret.utils.skipped import read_skipped, write_skipped
+
         merged: Dict[str, str] = {}
         for failures in failure_lists:
             merged.update(failures)
-        path = self.out / SKIPPED_FILE
         if merged:
-            from simret.utils.atomic import write_text_atomic
-            from simret.utils.text import escape_field, unescape_field  # tab/newline in a name: one row
-
-            previous = {}
-            if path.is_file():
-                for line in path.read_text(encoding="utf-8").split("\n")[1:]:
-                    if "\t" in line:
-                        key, reason = line.split("\t", 1)
-                        previous[unescape_field(key)] = unescape_field(reason)
-            previous.update(merged)
-            rows = "".join(f"{escape_field(key)}\t{escape_field(reason)}\n"
-                           for key, reason in sorted(previous.items()))
-            write_text_atomic(path, "path\treason\n" + rows)
+            path = self.out / SKIPPED_FILE
+            entries = read_skipped(path)
+            entries.update(merged)
+            write_skipped(path, sorted(entries.items()))
 
 
 def _flag(key: str) -> str:
