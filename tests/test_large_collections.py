@@ -20,6 +20,7 @@ from simret.retrieval.indexdir.build import build_from_store
 from simret.retrieval.indexdir.shards import select_shard, shard_of
 from simret.retrieval.rerank import dba
 from simret.retrieval.store import read_store, store_attrs, write_store
+from simret.utils import h5checked
 
 MODEL = ["--model", "test_resnet", "--weights", "none"]
 FAST = ["--max-size", "64", "-j", "0", "-b", "4"]
@@ -38,7 +39,7 @@ def provenance(dim):
 @pytest.fixture
 def tiny_blocks(monkeypatch):
     """Stores of a few rows per chunk and per block: every streamed path runs over many blocks."""
-    monkeypatch.setattr(store_module, "CHUNK_BYTES", 64 * 4)
+    monkeypatch.setattr(h5checked, "CHUNK_BYTES", 64 * 4)
     monkeypatch.setattr(store_module, "BLOCK_BYTES", 3 * 64 * 4)
 
 

@@ -163,6 +163,6 @@ def test_train_skipped_list_escapes_names(tmp_path):
         warnings.simplefilter("ignore")
         train(TrainConfig(**config), show_progress=False)
     lines = (tmp_path / "out" / "skipped.tsv").read_text().split("\n")
-    assert lines[0] == "path\treason" and lines[2] == "" and len(lines) == 3
+    assert lines[0] == "id\treason" and lines[2] == "" and len(lines) == 3  # the one skipped-list format
     name, reason = lines[1].split("\t")
     assert unescape_field(name) == "digit_0/bro\tken\n.png" and reason

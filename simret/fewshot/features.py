@@ -267,7 +267,7 @@ def feature_bank(encoder, split: Split, directory: PathLike, *, image_size: Opti
 @contextlib.contextmanager
 def _writer(directory: Path, timeout: Optional[float]) -> Iterator[None]:
     """The writer lock of a bank folder, with the temporaries of killed writers removed."""
-    from simret.utils.commit import remove_temporaries
+    from simret.utils.atomic import remove_temporaries
     from simret.utils.locking import writer_lock
 
     with writer_lock(directory, timeout=timeout, what=f"{directory} (feature banks)"):
@@ -348,7 +348,7 @@ def _extract(encoder, split: Split, path: Path, settings: Dict[str, Any], *, see
         with contextlib.suppress(Exception):
             handle.close()
         raise
-    from simret.utils.commit import replace_durably
+    from simret.utils.atomic import replace_durably
 
     with _writing(path, intact):
         replace_durably(partial, path)

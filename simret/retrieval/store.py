@@ -24,7 +24,6 @@ candidates); it skips the checksum check, which full reads (``StoreReader.blocks
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,18 +31,17 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from simret.utils import h5checked
 from simret.utils.atomic import atomic_path
-from simret.utils.filestate import DIGEST_BYTES, FileStates
+from simret.utils.filestate import FileStates
 from simret.utils.h5attrs import read_attrs_of, write_attrs
+from simret.utils.h5checked import FILE_STATE_SETS, IDS_DIGEST, IdsDigest, ids_digest
 
 PathLike = Union[str, os.PathLike]
 REQUIRED_ATTRS = ("fingerprint", "arch", "pool", "gamma", "scales", "dim", "simret_version", "created")
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
 STORE_FORMAT = 2  # 2: chunked + fletcher32 + file states (1: contiguous, no checksums)
-CHUNK_BYTES = 256 << 10  # bytes of descriptors per HDF5 chunk
 BLOCK_BYTES = 64 << 20  # bytes of descriptors per block read or written at once
-FILE_STATE_SETS = ("sizes", "mtimes", "digests")
-IDS_DIGEST = "sha256"  # attribute of the ids dataset: SHA-256 of the ids, each + newline (ids cannot take filters)
 
 
 class StoreError(ValueError):
@@ -95,8 +93,8 @@ def store_attrs(provenance: Mapping[str, Any], *, scales: Sequence[float], max_s
 
 
 def chunk_rows(dim: int, dtype: Any = np.float32) -> int:
-    """Rows per HDF5 chunk for ``dim``-wide rows of ``dtype`` (about ``CHUNK_BYTES``)."""
-    return int(max(1, min(65536, CHUNK_BYTES // max(1, dim * np.dtype(dtype).itemsize))))
+    """Rows per HDF5 chunk for ``dim``-wide rows of ``dtype`` (``simret.utils.h5checked.chunk_rows``)."""
+    return min(65536, h5checked.chunk_rows(dim * np.dtype(dtype).itemsize))
 
 
 def block_rows(dim: int, dtype: Any = np.float32) -> int:
@@ -135,20 +133,17 @@ class StoreWriter:
         self.dim = int(dim)
         self.dtype = STORE_DTYPES[dtype]
         self.count = 0
-        self._ids_digest = hashlib.sha256()
+        self._ids_digest = IdsDigest()
         rows = chunk_rows(self.dim, self.dtype)
         self._handle = h5py.File(self.path, "w")
         try:
-            checked = {"fletcher32": True, "maxshape": (None,)}
-            self._handle.create_dataset("descriptors", shape=(0, self.dim), maxshape=(None, self.dim),
-                                        chunks=(rows, self.dim), dtype=self.dtype, fletcher32=True)
+            h5checked.checked_dataset(self._handle, "descriptors", shape=(0, self.dim), dtype=self.dtype,
+                                      rows_per_chunk=rows, resizable=True)
             id_rows = max(1, min(rows * 4, 4096))
-            # variable-length strings cannot take HDF5 filters: their checksum is the ids_sha256 attribute
+            # variable-length strings cannot take HDF5 filters: their checksum is an attribute (IDS_DIGEST)
             self._handle.create_dataset("ids", shape=(0,), maxshape=(None,), chunks=(id_rows,),
                                         dtype=h5py.string_dtype("utf-8"))
-            self._handle.create_dataset("sizes", shape=(0,), chunks=(id_rows,), dtype=np.int64, **checked)
-            self._handle.create_dataset("mtimes", shape=(0,), chunks=(id_rows,), dtype=np.int64, **checked)
-            self._handle.create_dataset("digests", shape=(0,), chunks=(id_rows,), dtype=f"S{DIGEST_BYTES}", **checked)
+            h5checked.create_file_state_sets(self._handle, 0, rows_per_chunk=id_rows, resizable=True)
             write_attrs(self._handle, {**attrs, "store_format": STORE_FORMAT})
         except BaseException:
             self._handle.close()
@@ -171,12 +166,8 @@ class StoreWriter:
         self._handle["descriptors"][start:stop] = descriptors.astype(self.dtype, copy=False)
         ids = [str(i) for i in ids]
         self._handle["ids"][start:stop] = np.asarray(ids, dtype=object)
-        for image_id in ids:
-            self._ids_digest.update(image_id.encode("utf-8") + b"\n")
-        self._handle["sizes"][start:stop] = states.sizes
-        self._handle["mtimes"][start:stop] = states.mtimes
-        self._handle["digests"][start:stop] = np.asarray([d.encode("ascii") for d in states.digests],
-                                                         dtype=f"S{DIGEST_BYTES}")
+        self._ids_digest.update(ids)
+        h5checked.write_file_states(self._handle, states, start)
         self.count = stop
 
     @classmethod
@@ -198,9 +189,8 @@ class StoreWriter:
                     or any(writer._handle[n].maxshape[0] is not None for n in names):
                 raise StoreError(f"{path} is not a resizable simret store (format {STORE_FORMAT})")
             writer.dim, writer.dtype, writer.count = int(table.shape[1]), table.dtype.type, int(table.shape[0])
-            writer._ids_digest = hashlib.sha256()
-            for image_id in writer._handle["ids"].asstr()[()]:
-                writer._ids_digest.update(str(image_id).encode("utf-8") + b"\n")
+            writer._ids_digest = IdsDigest()
+            writer._ids_digest.update(writer._handle["ids"].asstr()[()])
         except BaseException:
             writer._handle.close()
             raise
@@ -329,7 +319,7 @@ class StoreReader:
             self._ids = [str(v) for v in names]
             expected = self._handle["ids"].attrs.get(IDS_DIGEST)
             expected = expected.decode() if isinstance(expected, bytes) else expected
-            if expected and _ids_digest(self._ids) != expected:
+            if expected and ids_digest(self._ids) != expected:
                 raise StoreDamagedError(f"{self.path} is damaged: its ids no longer match their checksum",
                                         [(0, self.count)])
         return self._ids
@@ -346,7 +336,7 @@ class StoreReader:
 
     @property
     def has_file_states(self) -> bool:
-        return all(name in self._handle for name in FILE_STATE_SETS)
+        return h5checked.has_file_states(self._handle)
 
     def file_states(self) -> FileStates:
         """The image files' states recorded with the rows (``FileStates.unknown`` for older stores)."""
@@ -354,12 +344,8 @@ class StoreReader:
             if not self.has_file_states:
                 self._states = FileStates.unknown(self.count)
             else:
-                span = (0, self.count)
-                sizes = self._guarded(lambda: self._handle["sizes"][()], "sizes", span)
-                mtimes = self._guarded(lambda: self._handle["mtimes"][()], "mtimes", span)
-                digests = self._guarded(lambda: self._handle["digests"][()], "digests", span)
-                self._states = FileStates(np.asarray(sizes, np.int64), np.asarray(mtimes, np.int64),
-                                          [d.decode("ascii") for d in digests.tolist()])
+                self._states = self._guarded(lambda: h5checked.read_file_states(self._handle), "sizes/mtimes/digests",
+                                             (0, self.count))
         return self._states
 
     def blocks(self, rows_per_block: Optional[int] = None, start: int = 0,
@@ -403,20 +389,10 @@ class StoreReader:
             _ = self.ids  # reading them checks their checksum
         except StoreDamagedError as err:
             damaged.extend(err.rows)
-        sets = [name for name in ("descriptors", *FILE_STATE_SETS) if name in self._handle]
-        for name in sets:
-            dataset = self._handle[name]
-            step = dataset.chunks[0] if dataset.chunks else max(1, dataset.shape[0])
-            coarse = step * 64
-            for first in range(0, dataset.shape[0], coarse):
-                last = min(dataset.shape[0], first + coarse)
-                if _readable(dataset, first, last):
-                    continue
-                for a in range(first, last, step):  # locate the bad chunks
-                    b = min(last, a + step)
-                    if not _readable(dataset, a, b):
-                        damaged.append((a, b))
-        return _merge_ranges(damaged)
+        for name in ("descriptors", *FILE_STATE_SETS):
+            if name in self._handle:
+                damaged.extend(h5checked.damaged_ranges(self._handle[name]))
+        return h5checked.merge_ranges(damaged)
 
     # housekeeping
 
@@ -508,31 +484,6 @@ def _chunk_offsets(table: Any, rows_per_chunk: int) -> np.ndarray:
         raise StoreError(f"{table.file.filename}: {int((offsets < 0).sum())} chunk(s) of descriptors were never "
                          f"written: the store is incomplete")
     return offsets
-
-
-def _ids_digest(ids: Sequence[str]) -> str:
-    digest = hashlib.sha256()
-    for image_id in ids:
-        digest.update(image_id.encode("utf-8") + b"\n")
-    return digest.hexdigest()
-
-
-def _readable(dataset: Any, first: int, last: int) -> bool:
-    try:
-        dataset[first:last]
-        return True
-    except OSError:
-        return False
-
-
-def _merge_ranges(ranges: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
-    merged: List[Tuple[int, int]] = []
-    for first, last in sorted(ranges):
-        if merged and first <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
-        else:
-            merged.append((first, last))
-    return merged
 
 
 def _first_line(err: BaseException) -> str:

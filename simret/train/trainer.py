@@ -273,7 +273,7 @@ class _Run:
     def _exclusive_output(self) -> Iterator[None]:
         """Hold the writer lock of the checkpoint folder for the run (rank 0 holds it for every rank: the others
         start once it does, or fail with it), after removing the temporaries of a killed run."""
-        from simret.utils.commit import remove_temporaries
+        from simret.utils.atomic import remove_temporaries
         from simret.utils.locking import LockTimeoutError, writer_lock
 
         with contextlib.ExitStack() as stack:

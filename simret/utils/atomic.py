@@ -1,17 +1,25 @@
 """Atomic file writes: write to a temporary name in the same folder, rename into place on success.
 
-An interrupted or failed write leaves the previous file untouched and no half-written file behind.
+An interrupted or failed write leaves the previous file untouched and no half-written file behind; a writer
+killed outright leaves its temporary (``.NAME.XXXX.tmp``), which ``remove_temporaries`` sweeps under the
+folder's writer lock. ``replace_durably`` also flushes the file and the rename to stable storage, and
+``write_failure`` turns a failed write (disk full …) into one message naming the path and what is intact.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import signal
 import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Iterator, List, Union
+
+from simret.utils.logs import get_logger
+
+log = get_logger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
@@ -106,3 +114,49 @@ def write_failure(path: PathLike, err: OSError, intact: str) -> DiskWriteError:
     else:
         reason = text.strip().splitlines()[0] if text.strip() else type(err).__name__
     return DiskWriteError(f"could not write {path} ({reason}{free}): {intact}", err.errno or 0)
+
+
+TEMPORARIES = ".*.tmp"  # what atomic_path leaves behind when its writer is killed
+
+
+def replace_durably(source: PathLike, target: PathLike) -> Path:
+    """Rename ``source`` over ``target`` atomically, both flushed to disk (see the module docstring)."""
+    source, target = Path(source), Path(target)
+    fsync_path(source)
+    os.replace(source, target)
+    fsync_path(target.parent)
+    return target
+
+
+def remove_temporaries(folder: PathLike, pattern: str = TEMPORARIES) -> List[str]:
+    """Remove the entries of ``folder`` matching ``pattern`` (files or folders); the names removed."""
+    folder = Path(folder)
+    removed: List[str] = []
+    if not folder.is_dir():
+        return removed
+    for entry in sorted(folder.glob(pattern)):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+        removed.append(entry.name)
+    if removed:
+        log.info("%s: removed %d temporar%s left by an interrupted run (%s)", folder, len(removed),
+                 "y" if len(removed) == 1 else "ies", ", ".join(removed[:3]) + (" …" if len(removed) > 3 else ""))
+    return removed
+
+
+def fsync_path(path: PathLike) -> None:
+    """Flush a file (or a directory entry list) to stable storage; a no-op where the OS refuses."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
@@ -138,18 +137,3 @@ def verify_checksum(path: PathLike, expected: Optional[str], *, shown_as: Option
 def damaged(shown: PathLike) -> str:
     """The message for a file whose checksum does not match."""
     return f"{shown} is damaged (its checksum no longer matches the one recorded when it was written)"
-
-
-def fsync_path(path: PathLike) -> None:
-    """Flush a file (or a directory entry list) to stable storage; a no-op where the OS refuses."""
-    path = Path(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -40,7 +40,7 @@ def checked_dataset(handle: Any, name: str, *, shape: Tuple[int, ...], dtype: An
     """
     row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
     rows = rows_per_chunk or chunk_rows(row_bytes)
-    chunks = (max(1, min(int(rows), int(shape[0]) or 1)), *shape[1:])
+    chunks = (max(1, int(rows) if resizable else min(int(rows), int(shape[0]) or 1)), *shape[1:])
     extra = {"maxshape": (None, *shape[1:])} if resizable or not shape[0] else {}  # a chunk may not exceed a fixed 0
     return handle.create_dataset(name, shape=shape, dtype=dtype, data=data, chunks=chunks, fletcher32=True,
                                  **extra)
@@ -121,9 +121,22 @@ def read_file_states(handle: Any, first: int = 0, last: Optional[int] = None) ->
     return FileStates(sizes, mtimes, digests)
 
 
+class IdsDigest:
+    """The SHA-256 of ids added in several parts: each id encoded as UTF-8 and followed by a newline."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+
+    def update(self, ids: Iterable[str]) -> None:
+        for image_id in ids:
+            self._digest.update(str(image_id).encode("utf-8") + b"\n")
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
 def ids_digest(ids: Iterable[str]) -> str:
     """SHA-256 (hex) of ``ids``, each encoded as UTF-8 and followed by a newline."""
-    digest = hashlib.sha256()
-    for image_id in ids:
-        digest.update(str(image_id).encode("utf-8") + b"\n")
+    digest = IdsDigest()
+    digest.update(ids)
     return digest.hexdigest()

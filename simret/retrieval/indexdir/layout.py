@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Union
 
 from simret.retrieval.indexdir.names import CURRENT, GENERATIONS, META, PARTIAL, PUBLIC_FILES
-from simret.utils.atomic import deferred_interrupts
-from simret.utils.filestate import fsync_path
+from simret.utils.atomic import deferred_interrupts, fsync_path, remove_temporaries
 from simret.utils.logs import get_logger
 
 log = get_logger(__name__)
@@ -165,10 +164,7 @@ def remove_stale(out: PathLike) -> List[str]:
             _remove(entry)
             removed.append(f"{GENERATIONS}/{entry.name}")
     for place in (out, out / PARTIAL):
-        if place.is_dir():
-            for entry in place.glob(".*.tmp"):
-                _remove(entry)
-                removed.append(str(entry.relative_to(out)))
+        removed += [str((place / name).relative_to(out)) for name in remove_temporaries(place)]
     if removed:
         log.debug("%s: removed %s", out, ", ".join(removed))
     return removed
