@@ -21,6 +21,7 @@ from simret.utils.logs import setup_logging
 COMMANDS: Dict[str, str] = {
     "index": "simret.commands.index:index",
     "search": "simret.commands.search:search",
+    "serve": "simret.commands.serve:serve",
     "eval": "simret.commands.evaluate:evaluate",
     "fewshot": "simret.commands.fewshot:fewshot",
     "train": "simret.commands.train:train",
