@@ -99,15 +99,40 @@ def _build_app(ctx: click.Context, index_dir: str, model_spec: Dict[str, Any], *
 
 
 def _run(app, sock, *, verbose: bool) -> None:
-    """uvicorn on the bound socket; SIGHUP reloads the index at once; SIGINT/SIGTERM stop gracefully."""
+    """uvicorn on the bound socket until SIGINT/SIGTERM (graceful: requests in flight finish, exit status 0);
+    SIGHUP reloads the index at once."""
+    import contextlib
     import signal
+    import threading
 
     import uvicorn
 
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            wanted = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+            previous = {sig: signal.signal(sig, self.on_signal) for sig in wanted}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+        def on_signal(self, sig, frame) -> None:
+            if sig == getattr(signal, "SIGHUP", None):
+                app.state.service.poller.wake()
+            elif self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True  # a second Ctrl-C: stop waiting for requests in flight
+            else:
+                self.should_exit = True
+
     config = uvicorn.Config(app, log_config=None, log_level="info" if verbose else "warning", access_log=False,
                             timeout_graceful_shutdown=10, server_header=False)
-    server = uvicorn.Server(config)
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, lambda *_: app.state.service.poller.wake())
     with sock:
-        server.run(sockets=[sock])
+        Server(config).run(sockets=[sock])
+    from simret.utils.logs import get_logger
+
+    get_logger("simret.serve").info("stopped")

@@ -64,17 +64,19 @@ async function search() {
   status("searching…");
   try {
     let response;
+    const query = params();
     if (state.file) {
       const form = new FormData();
       form.append("image", state.file, state.file.name);
-      response = await api(`/search?${params()}`, { method: "POST", body: form });
+      response = await api(`/search?${query}`, { method: "POST", body: form });
     } else {
-      const query = params(); query.set("id", state.id);
+      query.set("id", state.id);
       response = await api(`/search?${query}`);
     }
     const result = await response.json();
     if (seq !== state.seq) return; // a newer search has started
     render(result);
+    $("query-name").dataset.bbox = query.get("bbox") || "";
     status(`${result.ids.length} results for ${result.query}${state.box ? " (region)" : ""}`);
     if ($("attention").checked) attention();
   } catch (err) {
@@ -183,7 +185,11 @@ function setUpBox() {
 
 function setUp() {
   const drop = $("drop");
-  $("file").addEventListener("change", (event) => useFile(event.target.files[0]));
+  $("file").addEventListener("change", (event) => {
+    const file = event.target.files[0];
+    event.target.value = ""; // choosing the same file again is a new search
+    useFile(file);
+  });
   ["dragenter", "dragover"].forEach((name) => drop.addEventListener(name, (event) => {
     event.preventDefault(); drop.classList.add("over");
   }));
