@@ -16,6 +16,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.9",
     packages=find_packages(include=["simret", "simret.*"]),
+    package_data={"simret.serve": ["static/*.html", "static/*.css", "static/*.js"]},  # the search page
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",
@@ -29,11 +30,18 @@ setup(
         "pillow>=9.4",
         "safetensors>=0.4",
         "scikit-image>=0.21",  # ships the real photographs of the embedded demo/test data
+        # simret serve (in the base install so every venv, make demo's too, can serve its index)
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "python-multipart>=0.0.9",
     ],
     extras_require={
         # faiss with CUDA kernels (replaces faiss-cpu at import time when both are present)
         "gpu": ["faiss-gpu-cu12>=1.8"],
-        "dev": ["pytest>=7.4", "ruff>=0.4", "hypothesis>=6.80"],
+        # the search service alone (already in install_requires; kept so `pip install simret[serve]` reads as meant)
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9"],
+        # httpx: FastAPI's test client; selenium: the page's browser test (with Debian's chromium + chromium-driver)
+        "dev": ["pytest>=7.4", "ruff>=0.4", "hypothesis>=6.80", "httpx>=0.24", "selenium>=4.11"],
     },
     entry_points={"console_scripts": ["simret=simret.cli:main"]},
     classifiers=[
