@@ -23,7 +23,6 @@ import mimetypes
 import os
 import shutil
 import tempfile
-import warnings
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -68,24 +67,28 @@ def rejection_status(reason: str) -> int:
 
 
 def check_upload(path: Path) -> None:
-    """A cheap look at an uploaded file (header only): an image within the pixel guard, or ``ApiError``."""
+    """A cheap look at an uploaded file (header only): an image within the pixel guards, or ``ApiError``.
+
+    The guards are ``load_image``'s: PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, which
+    ``load_image`` treats as an error) and ``MAX_PIXELS``. Checked by size, not by turning warnings into
+    errors: ``warnings.catch_warnings`` is not thread-safe, and uploads are checked on several threads.
+    """
     from PIL import Image, UnidentifiedImageError
 
     from simret.data.images import MAX_PIXELS
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as handle:
-                width, height = handle.size
+        with Image.open(path) as handle:  # PIL warns (once) over its limit, and refuses past twice that
+            width, height = handle.size
     except UnidentifiedImageError:
         raise ApiError(415, "not an image (unrecognised format): upload a JPEG, PNG, WebP … file") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
         raise ApiError(413, "image too large (decompression bomb guard)") from None
     except Exception as err:  # noqa: BLE001 - PIL raises many types on malformed headers
         raise ApiError(415, f"not a readable image ({type(err).__name__}: {str(err)[:120]})") from None
-    if width * height > MAX_PIXELS:
-        raise ApiError(413, f"image too large ({width}x{height} pixels)")
+    bomb_limit = Image.MAX_IMAGE_PIXELS or MAX_PIXELS
+    if width * height > min(bomb_limit, MAX_PIXELS):
+        raise ApiError(413, f"image too large ({width}x{height} pixels; decompression bomb guard)")
 
 
 class SearchService:
