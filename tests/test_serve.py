@@ -2,12 +2,16 @@
 path traversal on /images, thumbnails, attention, metrics, micro-batching and hot reload after --append."""
 import io
 import json
+import os
 import shutil
 import struct
+import subprocess
+import sys
 import threading
 import time
 import warnings
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +26,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from simret.cli import cli  # noqa: E402
 from simret.models import RandomWeightsWarning  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent
 MODEL = ["--model", "test_resnet", "--weights", "none"]
 QUERY = "query_chelsea_q0.jpg"
 
@@ -435,7 +440,11 @@ def test_reload_picks_up_an_append_without_failing_queries_in_flight(sample, enc
         worker.start()
         try:
             shutil.copy(sample / "query_rocket_q1.jpg", root / "new_rocket.jpg")
-            run("index", root, "--out", out, "--append", "-j", "0")
+            # another process, as in real use (in this one, the DataLoader of every query the model thread
+            # describes draws from torch's global RNG while random-init weights would be drawn from it)
+            subprocess.run([sys.executable, "-m", "simret", "-q", "index", str(root), "--out", str(out), "--append",
+                            "-j", "0"], check=True, capture_output=True, cwd=ROOT,
+                           env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"})
             deadline = time.monotonic() + 30
             while live.get("/health").json()["generation"] == before["generation"] and time.monotonic() < deadline:
                 time.sleep(0.1)
