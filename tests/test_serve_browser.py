@@ -96,6 +96,7 @@ def browser():
 
 def test_page_searches_clicks_through_and_shows_attention(server, browser, photos, tmp_path):
     import httpx
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -104,10 +105,10 @@ def test_page_searches_clicks_through_and_shows_attention(server, browser, photo
         expected = httpx.post(f"{server}/search", params={"k": K}, files={"image": (query.name, handle)},
                               timeout=60).json()
 
-    def results(driver):
-        return [item.get_attribute("data-id") for item in driver.find_elements(By.CSS_SELECTOR, "#results li")]
+    def results(driver):  # read in one script: the grid may be re-rendered between two WebDriver calls
+        return driver.execute_script("return Array.from(document.querySelectorAll('#results li'), li => li.dataset.id)")
 
-    wait = WebDriverWait(browser, 60)
+    wait = WebDriverWait(browser, 60, ignored_exceptions=(StaleElementReferenceException,))
     browser.get(f"{server}/")
     wait.until(lambda d: "images" in d.find_element(By.ID, "index-info").text)
     browser.find_element(By.ID, "file").send_keys(str(query))
