@@ -22,6 +22,7 @@ COMMANDS: Dict[str, str] = {
     "index": "simret.commands.index:index",
     "search": "simret.commands.search:search",
     "merge": "simret.commands.merge:merge",
+    "serve": "simret.commands.serve:serve",
     "eval": "simret.commands.eval:evaluate",
     "fewshot": "simret.commands.fewshot:fewshot",
     "probe": "simret.commands.probe:probe",

@@ -16,6 +16,7 @@ def test_demo_runs_every_step_and_writes_its_outputs(tmp_path):
                     "$ simret attention"):
         assert command in result.stdout
     assert "RANDOMLY initialised" in result.stdout
+    assert f"simret serve {out / 'index'}" in result.stdout  # the demo ends by saying how to serve its index
     assert (out / "index" / "descriptors.h5").is_file() and (out / "index" / "index.faiss").is_file()
     revisited = json.loads((out / "results" / "revisited.json").read_text())
     assert {"rsample", "rsample+R1M", "rsample+αQE2", "rsample+R1M+αQE2"} == set(revisited["results"])

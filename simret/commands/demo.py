@@ -141,6 +141,8 @@ def demo(out: Path, arch: str, gamma: float, epochs: int, episodes: int, image_s
         click.echo(f"  {str(path):<44} {what}")
     click.echo("All encoders here were RANDOMLY initialised: point --weights at timm, an official SimPool "
                "checkpoint or your own file for meaningful descriptors (see README).")
+    click.secho("Search the index in a browser (Ctrl-C stops):", bold=True)
+    click.echo(f"  simret serve {shlex.quote(str(index_dir))}    # then open http://127.0.0.1:8080/")
 
 
 def summary_lines(results: Path, dataset: str) -> List[str]:

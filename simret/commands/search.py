@@ -169,7 +169,7 @@ def _image_queries(ctx: click.Context, index, queries: Sequence[str], box, model
     from simret.commands.index import _spec_from_meta
     from simret.commands.options import build_encoder
     from simret.data.images import list_images
-    from simret.retrieval.extraction import extract
+    from simret.retrieval.queries import describe_queries
     from simret.utils import progress
 
     paths: List[str] = []
@@ -182,17 +182,14 @@ def _image_queries(ctx: click.Context, index, queries: Sequence[str], box, model
     spec = _spec_from_meta(ctx, model_spec, index.meta)
     encoder, device = build_encoder(spec, ctx)
     index.check_queries(encoder.fingerprint, what=f"query descriptors of this model ({spec.get('arch')})")
-    absolute = [str(Path(p).resolve()) for p in paths]
-    result = extract(encoder, "/", absolute, boxes=[box] * len(absolute) if box else None,
-                     scales=index.meta["scales"], max_size=index.meta["max_size"], batch_size=batch_size,
-                     workers=workers, device=device, half=bool(index.meta.get("half")),
-                     progress=progress.is_enabled() and len(paths) > 1)
-    name_of = dict(zip(absolute, paths))
-    for image_id, reason in result.failures:
-        log.warning("query %s skipped: %s", name_of[image_id], reason)
-    if not result.ids:
+    described = describe_queries(encoder, index.meta, paths, boxes=[box] * len(paths) if box else None,
+                                 batch_size=batch_size, workers=workers, device=device,
+                                 progress=progress.is_enabled() and len(paths) > 1)
+    for name, reason in described.failures:
+        log.warning("query %s skipped: %s", name, reason)
+    if not described.names:
         raise ValueError("no query image could be used")
-    return [name_of[i] for i in result.ids], result.descriptors
+    return described.names, described.descriptors
 
 
 def _write(results: List[Tuple[str, List[str], List[float]]], fmt: str) -> None:

@@ -1,0 +1,195 @@
+"""Micro-batching: one thread owns the model; concurrent queries share its forward passes.
+
+Requests put jobs on a bounded queue. The worker takes the first job, then whatever else arrives within
+``max_wait`` seconds, up to ``max_batch`` images, and describes them in one ``describe_queries`` call
+(images of equal size after resizing share one forward pass; nothing is padded, so a descriptor never
+depends on its batch-mates). Other model work (attention maps) runs on the same thread, one job at a
+time, so the model is never used from two threads nor copied.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence
+
+import numpy as np
+
+from simret.utils.logs import get_logger
+
+log = get_logger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """More queries are waiting than the server accepts (answer 503)."""
+
+
+class ImageRejected(ValueError):
+    """A query image that cannot be described; ``reason`` as ``extract`` reports it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class DescribeJob:
+    """Describe one image file with ``settings`` (the index's meta record); the future gets ``(1, D)``."""
+
+    path: str
+    box: Optional[Sequence[float]]
+    meta: Dict[str, Any]
+    future: Future = field(default_factory=Future)
+
+    @property
+    def key(self) -> Hashable:
+        return (tuple(self.meta["scales"]), self.meta["max_size"], bool(self.meta.get("half")))
+
+
+@dataclass
+class CallJob:
+    """Run ``fn()`` on the model thread; the future gets its result."""
+
+    fn: Callable[[], Any]
+    future: Future = field(default_factory=Future)
+
+
+_STOP = object()
+
+
+class MicroBatcher:
+    """The model's thread and its queue.
+
+    Args:
+        describe: ``(paths, boxes, meta) → QueryDescriptors`` (``describe_queries`` bound to the encoder).
+        max_batch: most images per call of ``describe`` (1: no batching).
+        max_wait: seconds to wait for more jobs once one has arrived.
+        max_queue: most jobs waiting; more are refused with ``QueueFull``.
+        on_batch: called with the size of every batch described (metrics).
+    """
+
+    def __init__(self, describe: Callable[..., Any], *, max_batch: int = 16, max_wait: float = 0.005,
+                 max_queue: int = 256, on_batch: Optional[Callable[[int], None]] = None) -> None:
+        if max_batch < 1:
+            raise ValueError(f"batch size must be at least 1, got {max_batch}")
+        self.describe = describe
+        self.max_batch = max_batch
+        self.max_wait = max(0.0, float(max_wait))
+        self.on_batch = on_batch
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
+        self._thread: Optional[threading.Thread] = None
+        self._start_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def depth(self) -> int:
+        """Jobs waiting now."""
+        return self._queue.qsize()
+
+    def describe_image(self, path: str, box: Optional[Sequence[float]], meta: Dict[str, Any]) -> Future:
+        """Queue one image; the future resolves to its raw descriptor ``(1, D)`` or raises ``ImageRejected``."""
+        return self._put(DescribeJob(path, box, meta))
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn()`` on the model thread (between batches)."""
+        return self._put(CallJob(fn))
+
+    def start(self) -> None:
+        with self._start_lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="simret-serve-model", daemon=True)
+                self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the jobs queued so far, then end the thread."""
+        with self._start_lock:
+            thread, self._thread = self._thread, None
+        if thread is not None and thread.is_alive():
+            self._queue.put(_STOP)
+            thread.join(timeout)
+
+    # ------------------------------------------------------------------ the model thread
+
+    def _put(self, job: Any) -> Future:
+        self.start()
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFull(f"{self._queue.maxsize} queries are waiting already; try again shortly") from None
+        return job.future
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is _STOP:
+                return
+            if isinstance(job, CallJob):
+                _settle(job.future, job.fn)
+                continue
+            batch, calls, stop = self._gather(job)
+            self._describe(batch)
+            for call in calls:
+                _settle(call.future, call.fn)
+            if stop:
+                return
+
+    def _gather(self, first: DescribeJob):
+        """The first job and those arriving within ``max_wait``, up to ``max_batch`` (calls set aside)."""
+        batch: List[DescribeJob] = [first]
+        calls: List[CallJob] = []
+        deadline = time.monotonic() + self.max_wait
+        while len(batch) < self.max_batch:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    job = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+            if job is _STOP:
+                return batch, calls, True
+            if isinstance(job, CallJob):
+                calls.append(job)
+            else:
+                batch.append(job)
+        return batch, calls, False
+
+    def _describe(self, batch: List[DescribeJob]) -> None:
+        groups: Dict[Hashable, List[DescribeJob]] = {}
+        for job in batch:
+            groups.setdefault(job.key, []).append(job)
+        for jobs in groups.values():
+            live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+            if not live:
+                continue
+            if self.on_batch is not None:
+                self.on_batch(len(live))
+            try:
+                described = self.describe([job.path for job in live], [job.box for job in live], live[0].meta)
+            except Exception as err:  # noqa: BLE001 - every waiting request gets the error, the thread lives on
+                log.exception("describing %d query image(s) failed", len(live))
+                for job in live:
+                    job.future.set_exception(err)
+                continue
+            rows = {int(p): row for p, row in zip(described.positions.tolist(), described.descriptors)}
+            reasons = dict(described.failures)
+            for position, job in enumerate(live):
+                if position in rows:
+                    job.future.set_result(np.asarray(rows[position], np.float32)[None])
+                else:
+                    job.future.set_exception(ImageRejected(reasons.get(job.path, "the image could not be used")))
+
+
+def _settle(future: Future, fn: Callable[[], Any]) -> None:
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(fn())
+    except Exception as err:  # noqa: BLE001 - handed to the waiting request
+        future.set_exception(err)
