@@ -6,10 +6,11 @@ from typing import Any, Dict, Optional, Tuple
 import click
 
 from simret.commands.options import (
-    BATCH_SIZE,
+    BATCH_SIZE_AUTO,
     MAX_SIZE,
     WORKERS,
     command_device,
+    compile_option,
     lock_timeout_option,
     model_options,
 )
@@ -51,9 +52,9 @@ def _index_params(pairs: Tuple[str, ...]) -> Dict[str, int]:
 @click.option("--whiten-on", type=click.Path(exists=True), default=None, metavar="IMAGES|FILE.h5",
               help="Learn the whitening on other images (folder or list) or on a descriptors file.")
 @click.option("--whiten-dim", type=int, default=None, help="Keep this many whitened dimensions (default: all).")
-@click.option("--half", is_flag=True, help="Mixed-precision extraction and float16 descriptors on disk.")
-@click.option("-b", "--batch-size", type=BATCH_SIZE, default=16, show_default=True,
-              help="Images per forward pass.")
+@click.option("-b", "--batch-size", type=BATCH_SIZE_AUTO, default="auto", show_default=True,
+              help="Images of one size per forward pass (auto: by image size and device; 1 at 1024 px on a CPU).")
+@compile_option
 @click.option("-j", "--workers", type=WORKERS, default=None,
               help="Image-loading worker processes (default: up to 8 beside a GPU; on a CPU, none on ≤ 2 cores).")
 @click.option("--append", is_flag=True,
@@ -72,8 +73,8 @@ def _index_params(pairs: Tuple[str, ...]) -> Dict[str, int]:
 @click.pass_context
 def index(ctx: click.Context, images: str, out: str, model_spec: Dict[str, Any], scales: str, max_size: int,
           kind: str, index_params: Tuple[str, ...], whiten: str, whiten_on: Optional[str], whiten_dim: Optional[int],
-          half: bool, batch_size: int, workers: Optional[int], append: bool, overwrite: bool, keep_missing: bool,
-          verify_content: bool, lock_timeout: Optional[float], checkpoint_every: int) -> None:
+          batch_size: Any, compile: str, workers: Optional[int], append: bool, overwrite: bool,
+          keep_missing: bool, verify_content: bool, lock_timeout: Optional[float], checkpoint_every: int) -> None:
     """Index IMAGES (a folder, searched recursively, or a text file with one path per line) into OUT.
 
     \b
@@ -96,8 +97,11 @@ def index(ctx: click.Context, images: str, out: str, model_spec: Dict[str, Any],
     Under torchrun every rank describes its share of the images (one GPU each, or CPU processes with
     gloo); rank 0 merges the shards into one store and builds the index.
     """
-    from simret.commands.options import build_encoder
+    from dataclasses import replace
+
+    from simret.commands.options import build_inference_encoder
     from simret.data.images import list_images
+    from simret.models.precision import recorded_precision
     from simret.retrieval.extraction import parse_scales
     from simret.retrieval.indexdir import IndexSettings, build_index
     from simret.utils import progress
@@ -112,11 +116,11 @@ def index(ctx: click.Context, images: str, out: str, model_spec: Dict[str, Any],
                 scales = ",".join(str(s) for s in meta["scales"])
             if _is_default(ctx, "max_size"):
                 max_size = meta["max_size"] or 0
-            if _is_default(ctx, "half"):
-                half = bool(meta.get("half"))
+            if _is_default(ctx, "precision") and _is_default(ctx, "half"):
+                model_spec = {**model_spec, "precision": recorded_precision(meta)}
     settings = IndexSettings(scales=parse_scales(scales), max_size=max_size or None, kind=kind,
                              index_params=_index_params(index_params), whiten=whiten, whiten_on=whiten_on,
-                             whiten_dim=whiten_dim, half=half, batch_size=batch_size, workers=workers,
+                             whiten_dim=whiten_dim, batch_size=batch_size, workers=workers,
                              checkpoint_every=checkpoint_every, keep_missing=keep_missing,
                              verify_content=verify_content, lock_timeout=lock_timeout)
     from simret.utils.distributed import barrier, distributed_session, quiet_unless_main
@@ -128,7 +132,8 @@ def index(ctx: click.Context, images: str, out: str, model_spec: Dict[str, Any],
     with distributed_session(device) as session:
         if session.distributed:  # each rank on its own device (cuda:LOCAL_RANK, or the CPU)
             model_spec = {**model_spec, "device": str(session.device)}
-        encoder, _ = build_encoder(model_spec, ctx)
+        encoder, _ = build_inference_encoder(model_spec, ctx, compile=compile)
+        settings = replace(settings, precision=encoder.precision)  # what is recorded: the one that ran
         summary = build_index(listing, out, encoder, settings, model_spec=model_spec, append=append,
                               overwrite=overwrite, progress=progress.is_enabled() and not other_rank)
         barrier()  # the other ranks wait until rank 0 has written the index

@@ -6,7 +6,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import click
 
-from simret.commands.options import ALPHA, BATCH_SIZE, NEIGHBOURS, WORKERS, command_device, model_options
+from simret.commands.options import (
+    ALPHA,
+    BATCH_SIZE_AUTO,
+    NEIGHBOURS,
+    WORKERS,
+    command_device,
+    compile_option,
+    model_options,
+)
 
 FORMATS = ["table", "jsonl", "tsv"]
 
@@ -47,14 +55,15 @@ def _parse_bbox(text: Optional[str]) -> Optional[Tuple[float, float, float, floa
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
               help="table for people; jsonl: {\"query\", \"ids\", \"scores\"} per line; tsv: query, rank, id, score.")
 @model_options
-@click.option("-b", "--batch-size", type=BATCH_SIZE, default=16, show_default=True,
-              help="Query images per forward pass.")
+@click.option("-b", "--batch-size", type=BATCH_SIZE_AUTO, default="auto", show_default=True,
+              help="Query images of one size per forward pass (auto: by image size and device).")
+@compile_option
 @click.option("-j", "--workers", type=WORKERS, default=0, show_default=True,
               help="Image-loading worker processes.")
 @click.pass_context
 def search(ctx: click.Context, index_dir: str, queries: Tuple[str, ...], k: int, bbox: Optional[str],
            descriptor_file: Optional[str], qe: int, alpha: float, dba: int, rerank: int, fmt: str,
-           model_spec: Dict[str, Any], batch_size: int, workers: int) -> None:
+           model_spec: Dict[str, Any], batch_size: Any, compile: str, workers: int) -> None:
     """Rank the images of the index DIR for each QUERY image (files, or folders of images).
 
     \b
@@ -89,7 +98,7 @@ def search(ctx: click.Context, index_dir: str, queries: Tuple[str, ...], k: int,
             raise click.UsageError("--bbox applies to query images, not to --descriptors")
         names, raw = _stored_queries(index, descriptor_file)
     else:
-        names, raw = _image_queries(ctx, index, queries, box, model_spec, batch_size, workers, log)
+        names, raw = _image_queries(ctx, index, queries, box, model_spec, batch_size, workers, log, compile)
     _faiss_on_gpu(ctx, index, model_spec, log)
     scores, rows = index.search(raw, k, qe=qe, alpha=alpha, dba=dba, rerank=rerank)
     ids = index.ids
@@ -131,11 +140,11 @@ def _stored_queries(index, path: str):
 
 
 def _image_queries(ctx: click.Context, index, queries: Sequence[str], box, model_spec: Dict[str, Any],
-                   batch_size: int, workers: int, log):
+                   batch_size: Any, workers: int, log, compile: str = "auto"):
     from pathlib import Path
 
     from simret.commands.index import _spec_from_meta
-    from simret.commands.options import build_encoder
+    from simret.commands.options import build_inference_encoder
     from simret.data.images import list_images
     from simret.retrieval.extraction import extract
     from simret.utils import progress
@@ -148,12 +157,12 @@ def _image_queries(ctx: click.Context, index, queries: Sequence[str], box, model
         else:
             paths.append(query)
     spec = _spec_from_meta(ctx, model_spec, index.meta)
-    encoder, device = build_encoder(spec, ctx)
+    encoder, device = build_inference_encoder(spec, ctx, compile=compile)  # any precision: same fingerprint
     index.check_queries(encoder.fingerprint, what=f"query descriptors of this model ({spec.get('arch')})")
     absolute = [str(Path(p).resolve()) for p in paths]
     result = extract(encoder, "/", absolute, boxes=[box] * len(absolute) if box else None,
                      scales=index.meta["scales"], max_size=index.meta["max_size"], batch_size=batch_size,
-                     workers=workers, device=device, half=bool(index.meta.get("half")),
+                     workers=workers, device=device,
                      progress=progress.is_enabled() and len(paths) > 1)
     name_of = dict(zip(absolute, paths))
     for image_id, reason in result.failures:

@@ -8,7 +8,8 @@
     ids       (N,)   utf-8     image paths relative to the split's image root
     classes   (C,)   utf-8     class names (label i is classes[i])
     attrs: the encoder's provenance (fingerprint, arch, pool, gamma, weights, dim, simret_version), created,
-           split, split_format, split_source, image_size, crop_pct, n_images, n_classes
+           split, split_format, split_source, image_size, crop_pct, n_images, n_classes, precision (of the
+           forward pass: fp32, bf16 or fp16; banks of any precision are reused alike)
 
 Images go through ``classification_transform(encoder.data_config)`` — resize and centre crop at the
 encoder's input size, or at ``image_size`` (e.g. 84 for miniImageNet-style data) — in a torch DataLoader.
@@ -249,7 +250,8 @@ def _create_partial(partial: Path, encoder, split: Split, settings: Dict[str, An
         handle.create_dataset("ids", data=np.array(split.ids, dtype=object), dtype=strings)
         handle.create_dataset("classes", data=np.array(split.classes, dtype=object), dtype=strings)
         handle.create_dataset("done", data=np.zeros(n_images, dtype=bool))
-        attrs = {**encoder.provenance(), **settings, "split": split.name, "split_format": split.format,
+        attrs = {**encoder.provenance(), **settings, "precision": getattr(encoder, "precision", "fp32"),
+                 "split": split.name, "split_format": split.format,
                  "split_source": str(split.source), "n_images": n_images, "n_classes": split.n_classes,
                  "complete": False}
         for key, value in attrs.items():

@@ -82,7 +82,8 @@ def build_index(source: Union[PathLike, Listing], out: PathLike, encoder: Any,
 
 def _build(out: Path, root: Path, listed: Sequence[str], previous: Previous, encoder: Any, settings: IndexSettings,
            model_spec: Optional[Dict[str, Any]], append: bool, progress: bool) -> BuildSummary:
-    attrs = store_attrs(encoder.provenance(), scales=settings.scales, max_size=settings.max_size)
+    attrs = store_attrs(encoder.provenance(), scales=settings.scales, max_size=settings.max_size,
+                        extra={"precision": settings.precision})
     checkpoints = Checkpoints(out, attrs)  # valid whatever --overwrite says: same encoder and settings
     plan = make_plan(root, listed, previous, checkpoints.scan(), append=append, keep_missing=settings.keep_missing,
                      verify_content=settings.verify_content)
@@ -204,7 +205,7 @@ def _commit_generation(out: Path, plan: Plan, kept: List[int], failed: List[Tupl
     meta = previous.meta or {}
     sequence = int(meta.get("sequence", 0)) + 1
     generation_id = new_generation_id(sequence)
-    dtype = meta.get("store_dtype", "float32") if append and meta else ("float16" if settings.half else "float32")
+    dtype = meta.get("store_dtype", "float32") if append and meta else ("float16" if settings.precision != "fp32" else "float32")
     target = out
     try:
         with NewGeneration(out, generation_id) as generation:
@@ -258,7 +259,7 @@ def _meta_record(generation: NewGeneration, generation_id: str, sequence: int, p
         "root": str(plan.root), "sources": sources, "count": len(assembled.ids), "skipped": len(failed),
         "fingerprint": encoder.fingerprint, "model": model_record(model_spec, encoder),
         "provenance": encoder.provenance(), "dim": assembled.dim, "scales": [float(s) for s in settings.scales],
-        "max_size": settings.max_size, "half": bool(settings.half), "store_dtype": dtype, "index": searchable.index_meta,
+        "max_size": settings.max_size, "precision": settings.precision, "store_dtype": dtype, "index": searchable.index_meta,
         "whitening": searchable.whitening_meta, "files": files,
     }
 
