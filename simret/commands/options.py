@@ -168,27 +168,19 @@ def compile_option(command: Callable) -> Callable:
                              "logged).")(command)
 
 
-class BatchSizeType(click.ParamType):
+class BatchSizeType(click.IntRange):
     """``--batch-size``: a number >= 1, or ``auto`` (by image size and device: 1 at 1024 px on a CPU)."""
 
-    name = "N|auto"
+    def __init__(self) -> None:
+        super().__init__(min=1)
 
     def get_metavar(self, param: click.Parameter, ctx: Optional[click.Context] = None) -> str:
-        return "N|auto"
+        return f"{super().get_metavar(param, ctx) or 'INTEGER RANGE'}|auto"
 
     def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
-        if isinstance(value, int) and value >= 1:
-            return value
-        text = str(value).strip().lower()
-        if text == "auto":
+        if isinstance(value, str) and value.strip().lower() == "auto":
             return "auto"
-        try:
-            number = int(text)
-        except ValueError:
-            self.fail(f"{value!r} is neither a number nor auto", param, ctx)
-        if number < 1:
-            self.fail(f"{number} is not >= 1 (or auto)", param, ctx)
-        return number
+        return super().convert(value, param, ctx)
 
 
 BATCH_SIZE_AUTO = BatchSizeType()

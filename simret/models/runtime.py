@@ -111,6 +111,7 @@ class InferenceEncoder:
         self.compile_mode = compile_mode
         self.compiled = False
         self.compile_seconds = 0.0
+        self.compile_backend = "inductor"
         self._forward = encoder
         self._compile_failed = False
 
@@ -192,12 +193,12 @@ class InferenceEncoder:
         if self.compiled:
             return self.compile_seconds
         cache = _compiled_cache(self.encoder)
-        key = _cache_key(self.encoder, self.precision, self.device)
+        key = (self.compile_backend, *_cache_key(self.encoder, self.precision, self.device))
         started = time.perf_counter()
         try:
             compiled = cache.get(key)
             if compiled is None:
-                compiled = torch.compile(self.encoder, dynamic=False)
+                compiled = torch.compile(self.encoder, backend=self.compile_backend)
             if example is None:
                 side = _example_side(self.encoder)
                 example = torch.randn(1, 3, side, side + 32)
