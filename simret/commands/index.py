@@ -11,6 +11,7 @@ from simret.commands.options import (
     WORKERS,
     command_device,
     compile_option,
+    given_on_command_line,
     lock_timeout_option,
     model_options,
 )
@@ -116,7 +117,7 @@ def index(ctx: click.Context, images: str, out: str, model_spec: Dict[str, Any],
                 scales = ",".join(str(s) for s in meta["scales"])
             if _is_default(ctx, "max_size"):
                 max_size = meta["max_size"] or 0
-            if _is_default(ctx, "precision") and _is_default(ctx, "half"):
+            if not given_on_command_line(ctx, "precision") and _is_default(ctx, "half"):
                 model_spec = {**model_spec, "precision": recorded_precision(meta)}
     settings = IndexSettings(scales=parse_scales(scales), max_size=max_size or None, kind=kind,
                              index_params=_index_params(index_params), whiten=whiten, whiten_on=whiten_on,

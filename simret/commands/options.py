@@ -114,10 +114,11 @@ def command_device(model_spec: Optional[Mapping[str, Any]] = None,
 PRECISION_CHOICES = ["auto", "fp32", "bf16", "fp16"]
 PRECISION_OPTIONS = [
     click.option("--precision", type=click.Choice(PRECISION_CHOICES, case_sensitive=False), default="auto",
-                 show_default=True,
+                 show_default=True, envvar="SIMRET_PRECISION",
                  help="Arithmetic of the model's forward pass. auto: bf16 on CPUs with AMX or AVX512-BF16 and on "
                       "GPUs that have it, fp16 on older GPUs, fp32 elsewhere. SimPool, the norms and the L2 "
-                      "normalisation stay fp32; descriptors of any precision are searched together."),
+                      "normalisation stay fp32; descriptors of any precision are searched together. "
+                      "Default from $SIMRET_PRECISION when set."),
     click.option("--half", is_flag=True, hidden=True,
                  help="Deprecated: --precision bf16 on the CPU, fp16 on a GPU."),
 ]
@@ -130,7 +131,7 @@ def _precision_choice(precision: str, half: bool) -> str:
         from simret.utils.logs import get_logger
 
         ctx = click.get_current_context(silent=True)
-        given = ctx is not None and _given(ctx, "precision")
+        given = ctx is not None and given_on_command_line(ctx, "precision")
         get_logger("simret.commands").warning("--half is deprecated: use --precision bf16|fp16|auto%s",
                                               " (--precision wins)" if given else " (taken as bf16 on a CPU, fp16 "
                                                                                   "on a GPU)")
@@ -139,10 +140,11 @@ def _precision_choice(precision: str, half: bool) -> str:
     return precision.lower()
 
 
-def _given(ctx: click.Context, name: str) -> bool:
+def given_on_command_line(ctx: click.Context, name: str) -> bool:
+    """Whether option ``name`` was typed on the command line (not a default, nor an environment variable's)."""
     from click.core import ParameterSource
 
-    return ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+    return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
 
 
 def precision_options(command: Callable) -> Callable:
