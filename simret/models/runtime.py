@@ -219,8 +219,12 @@ class InferenceEncoder:
         return self.compile_seconds
 
     def _compiled_call(self, images):
+        """The compiled forward (inside ``context()``: inference mode, autocast)."""
+        import torch
         import torch._inductor.config as inductor_config
 
+        if not images.is_inference():  # one kind of input tensor: dynamo guards on it (else one graph per kind)
+            images = images.clone(memory_format=torch.preserve_format)
         _mark_dynamic(images)
         with inductor_config.patch(freezing=True):
             return self._forward(images)
