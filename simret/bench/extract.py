@@ -208,6 +208,8 @@ def _speed(arch: str, encoder: Any, child: Child, folder: Path, ids: List[str], 
         baseline_descriptors(encoder, tensors)
         baseline.append(time.perf_counter() - started)
         simret.append(child.ask(op="index", folder=str(folder))["seconds"])
+        print(f"  {arch}: baseline {baseline[-1]:.1f} s, simret {simret[-1]:.1f} s for {len(ids)} photos",
+              file=sys.stderr, flush=True)
     return {"baseline": len(ids) / statistics.median(baseline), "simret": len(ids) / statistics.median(simret),
             "baseline_passes": baseline, "simret_passes": simret}
 
@@ -257,6 +259,8 @@ def run(quick: bool = False) -> Section:
                 warnings.simplefilter("ignore")
                 encoder = create_encoder(arch, pool="simpool", gamma=gamma).eval()
             child = Child(arch, gamma)
+            print(f"  {arch}: simret runs {child.ready['path']} (compile {child.ready['compile_s']:.0f} s, "
+                  f"allocator {child.ready['allocator']})", file=sys.stderr, flush=True)
             try:
                 speed = _speed(arch, encoder, child, work / "photos", ids, passes)
                 fidelity = _fidelity(encoder, child, sample, work)

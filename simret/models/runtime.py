@@ -17,7 +17,8 @@ measured to keep descriptor fidelity (``scripts/bench.py extract``):
 
 The encoder itself is converted in place (memory layout only: its weights, outputs and fingerprint do not
 change) and kept in ``InferenceEncoder.encoder``. Compiled graphs are cached on the encoder per precision
-and device, and dropped when its weights change.
+and device, and dropped when its weights change; inductor keeps its kernels on disk in
+``~/.cache/simret/inductor`` (``$SIMRET_CACHE``), so a later run of the same model compiles much faster.
 """
 from __future__ import annotations
 
@@ -192,6 +193,7 @@ class InferenceEncoder:
 
         if self.compiled:
             return self.compile_seconds
+        _persistent_compile_cache()
         cache = _compiled_cache(self.encoder)
         key = (self.compile_backend, *_cache_key(self.encoder, self.precision, self.device))
         started = time.perf_counter()
@@ -308,6 +310,15 @@ def _same_settings(prepared: InferenceEncoder, precision: Optional[str], device:
     if compile is not None and parse_compile(compile) != prepared.compile_mode:
         return False
     return channels_last is None or bool(channels_last) == prepared.channels_last
+
+
+def _persistent_compile_cache() -> None:
+    """Keep inductor's compiled kernels and graphs in simret's cache (``~/.cache/simret/inductor``) rather than
+    under ``/tmp``, so a later run (after a reboot too) compiles the same model in seconds; an explicit
+    ``TORCHINDUCTOR_CACHE_DIR`` wins."""
+    from simret.utils.paths import cache_dir
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
 
 
 def _compiled_cache(encoder: Any) -> Dict[Tuple[Any, ...], Any]:
