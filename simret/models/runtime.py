@@ -345,5 +345,5 @@ def _mark_dynamic(images) -> None:
     """Height and width vary from image to image: one graph for all of them (no recompilation per size)."""
     import torch
 
-    torch._dynamo.mark_dynamic(images, 2)
-    torch._dynamo.mark_dynamic(images, 3)
+    torch._dynamo.maybe_mark_dynamic(images, 2)  # "maybe": a trunk that needs a relation (ViT: multiples of the
+    torch._dynamo.maybe_mark_dynamic(images, 3)  # patch) gets guards, not a ConstraintViolationError
