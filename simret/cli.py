@@ -128,8 +128,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     """Console entry point: user errors end with a one-line message and exit status 1 (2 for usage);
     Ctrl-C and SIGTERM stop the command the same way (what was computed is kept for the next run), with
     exit status 130 and 143."""
+    from simret.utils.allocator import keep_freed_memory
     from simret.utils.signals import exit_status, terminate_like_interrupt
 
+    keep_freed_memory()  # before torch allocates anything (SIMRET_MALLOC=default leaves glibc as it is)
     terminate_like_interrupt()
     try:
         code = cli.main(args=argv, prog_name="simret", standalone_mode=False)

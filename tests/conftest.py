@@ -5,6 +5,9 @@ import warnings
 os.environ.setdefault("SIMRET_OFFLINE", "1")  # nothing in the tests may reach the network
 os.environ.setdefault("SIMRET_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# commands default to --precision auto (bf16 on CPUs with AMX): tests compare commands with exact fp32 library
+# results, so they run at fp32 unless a test asks for a precision (tests/test_precision.py)
+os.environ.setdefault("SIMRET_PRECISION", "fp32")
 # tiny models: one thread is fastest and avoids oversubscription when tests spawn worker processes
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")

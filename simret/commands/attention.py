@@ -36,7 +36,7 @@ def attention(images: Tuple[Path, ...], model_spec: Dict[str, Any], out: Path, m
     """
     import numpy as np
 
-    from simret.commands.options import build_encoder
+    from simret.commands.options import build_inference_encoder
     from simret.data.images import ImageReadError, list_images
     from simret.utils.atomic import atomic_path
     from simret.utils.logs import get_logger
@@ -53,7 +53,7 @@ def attention(images: Tuple[Path, ...], model_spec: Dict[str, Any], out: Path, m
             sources += [(root / image_id, f"{item.name}/{image_id}") for image_id in ids]
         else:
             sources.append((item, item.name))
-    encoder, device = build_encoder(model_spec)
+    encoder, device = build_inference_encoder(model_spec, compile=False)
     out.mkdir(parents=True, exist_ok=True)
     written, skipped = [], []
     stems = _unique_stems([image_id for _, image_id in sources])

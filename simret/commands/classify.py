@@ -75,11 +75,11 @@ def classify(ctx: click.Context, support_dir: Path, images: Tuple[Path, ...], me
     paths = _expand(images)
 
     from simret.classify.support import SupportClassifier
-    from simret.commands.options import build_encoder
+    from simret.commands.options import build_inference_encoder
     from simret.utils.logs import get_logger
 
     log = get_logger("simret.classify")
-    encoder, device = build_encoder(model_spec, ctx)
+    encoder, device = build_inference_encoder(model_spec, ctx, compile=False)
     classifier = SupportClassifier(encoder, support_dir, method, base_mean=base_mean, cache_dir=cache_dir,
                                    image_size=img_size, crop_pct=crop_pct, batch_size=batch_size, workers=workers,
                                    device=device, top=top, lock_timeout=lock_timeout,

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import click
 
-from simret.commands.options import PixelRange
+from simret.commands.options import PixelRange, precision_options
 
 STEPS = 8
 
@@ -26,7 +26,9 @@ STEPS = 8
 @click.option("--image-size", type=PixelRange(min=64), default=320, show_default=True,
               help="Long side of the demo photographs.")
 @click.option("--small", is_flag=True, help="Tiny sizes everywhere (what the tests run): seconds, not minutes.")
-def demo(out: Path, arch: str, gamma: float, epochs: int, episodes: int, image_size: int, small: bool) -> None:
+@precision_options
+def demo(out: Path, arch: str, gamma: float, epochs: int, episodes: int, image_size: int, small: bool,
+         precision: str) -> None:
     """Run the main jobs end to end, offline, and say what was written where.
 
     \b
@@ -59,7 +61,8 @@ def demo(out: Path, arch: str, gamma: float, epochs: int, episodes: int, image_s
     data = out / "data"
     if small:
         arch, image_size, episodes, epochs = "test_resnet", 96, 100, 2
-    model = ["--model", arch, "--weights", "none", "--gamma", f"{gamma:g}"]
+    arithmetic = ["--half"] if precision == "half" else ["--precision", precision]  # every encoder step
+    model = ["--model", arch, "--weights", "none", "--gamma", f"{gamma:g}", *arithmetic]
 
     def run(step: int, title: str, args: List[str], note: Optional[str] = None) -> None:
         click.secho(f"\n[{step}/{STEPS}] {title}", bold=True)
@@ -93,7 +96,7 @@ def demo(out: Path, arch: str, gamma: float, epochs: int, episodes: int, image_s
     query_image = dataset.query_path(query)
     box = ",".join(f"{v:.0f}" for v in dataset.gnd[query]["bbx"])
     run(3, "search with a query cropped to its box", ["search", str(index_dir), str(query_image), "--bbox", box,
-                                                      "-k", "5"],
+                                                      "-k", "5", *arithmetic],
         note=f"the query's box holds the subject; positives of {dataset.qimlist[query]} are named chelsea_*")
     results = out / "results"
     run(4, "evaluate with the Revisited protocol",
@@ -113,7 +116,7 @@ def demo(out: Path, arch: str, gamma: float, epochs: int, episodes: int, image_s
          "--epochs", str(epochs), "--batch-size", "32", "--lr", "1e-3", "--no-augment", "--overwrite"])
     trained = checkpoints / "encoder.safetensors"
     run(7, "few-shot on the novel digits again, fine-tuned encoder",
-        [*fewshot, "--weights", str(trained), "--features-dir", str(features / "fine-tuned"),
+        [*fewshot, "--weights", str(trained), *arithmetic, "--features-dir", str(features / "fine-tuned"),
          "--out", str(results / "fewshot-after.json")])
 
     # 8. attention -------------------------------------------------------------------------------------

@@ -8,10 +8,11 @@ import click
 
 from simret.commands.options import (
     ALPHA,
-    BATCH_SIZE,
+    BATCH_SIZE_AUTO,
     MAX_SIZE,
     NEIGHBOURS,
     WORKERS,
+    compile_option,
     lock_timeout_option,
     model_options,
 )
@@ -38,9 +39,9 @@ DISTRACTOR_NAMES = {"r1m": "revisitop1m", "revisitop1m": "revisitop1m"}
               help="Similarity exponent of αQE and αDBA.")
 @click.option("--whiten-on", default=None, type=click.Path(exists=True), metavar="IMAGES|FILE.h5",
               help="Learn PCA whitening on other images (or a descriptors file) and apply it to everything.")
-@click.option("--half", is_flag=True, help="Mixed-precision extraction.")
-@click.option("-b", "--batch-size", type=BATCH_SIZE, default=16, show_default=True,
-              help="Images per forward pass (same-size images).")
+@click.option("-b", "--batch-size", type=BATCH_SIZE_AUTO, default="auto", show_default=True,
+              help="Images of one size per forward pass (auto: by image size and device).")
+@compile_option
 @click.option("-j", "--workers", type=WORKERS, default=None,
               help="Image-loading worker processes (default: up to 8 beside a GPU, none on a small CPU).")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -49,9 +50,9 @@ DISTRACTOR_NAMES = {"r1m": "revisitop1m", "revisitop1m": "revisitop1m"}
               help="Write every result (fractions), the encoder's provenance and the settings as JSON.")
 @lock_timeout_option
 def evaluate(dataset: str, data_root: Path, model_spec: Dict[str, Any], scales: str, max_size: int,
-             distractors: Optional[str], qe: int, dba: int, alpha: float, whiten_on: Optional[str], half: bool,
-             batch_size: int, workers: Optional[int], cache: Optional[Path], out: Optional[Path],
-             lock_timeout: Optional[float]) -> None:
+             distractors: Optional[str], qe: int, dba: int, alpha: float, whiten_on: Optional[str],
+             batch_size: Any, compile: str, workers: Optional[int], cache: Optional[Path],
+             out: Optional[Path], lock_timeout: Optional[float]) -> None:
     """Evaluate an encoder on DATASET (roxford5k, rparis6k, or any folder in their layout under
     --data-root) with the Revisited protocol, and print the standard table (mAP and mP@1/5/10 in % for the
     Easy, Medium and Hard setups), one per configuration: plain, +R1M distractors, +αQE, +αDBA.
@@ -67,21 +68,24 @@ def evaluate(dataset: str, data_root: Path, model_spec: Dict[str, Any], scales: 
       simret eval rparis6k --data-root ~/data/revisitop --model vit_small_patch16_224 \\
           --weights simpool:vits-dino-simpool-ep300 --distractors r1m --qe 2
     """
-    from simret.commands.options import build_encoder
+    from dataclasses import replace
+
+    from simret.commands.options import build_inference_encoder
     from simret.retrieval.evaluation import EvalSettings, evaluate_encoder
     from simret.retrieval.extraction import parse_scales
     from simret.retrieval.metrics import format_revisited_table
     from simret.utils.atomic import write_json_atomic
 
     settings = EvalSettings(scales=parse_scales(scales), max_size=max_size or None, batch_size=batch_size,
-                            workers=workers, half=half, distractors=DISTRACTOR_NAMES.get(distractors or ""),
+                            workers=workers, distractors=DISTRACTOR_NAMES.get(distractors or ""),
                             qe=qe, dba=dba, alpha=alpha, whiten_on=whiten_on, cache_dir=cache, lock_timeout=lock_timeout)
     from simret.data.revisited import load_distractors, load_revisited
 
     load_revisited(data_root, dataset)  # a missing or malformed dataset fails before any model is built
     if settings.distractors:
         load_distractors(data_root, settings.distractors)
-    encoder, _ = build_encoder(model_spec)
+    encoder, _ = build_inference_encoder(model_spec, compile=compile)
+    settings = replace(settings, precision=encoder.precision)
     report = evaluate_encoder(encoder, data_root, dataset, settings)
     weights = report.provenance.get("weights")
     click.echo(f"{report.dataset}: {report.counts['database']} images, {report.counts['queries']} queries"

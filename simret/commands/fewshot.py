@@ -82,7 +82,7 @@ def fewshot(ctx: click.Context, split_root: Path, split_format: str, split: str,
     shot_list = positive_int_list(shots, "--shot")
     method_list = _method_list(methods)
 
-    from simret.commands.options import build_encoder
+    from simret.commands.options import build_inference_encoder
     from simret.fewshot.experiment import FewShotSettings, load_splits, run_fewshot
     from simret.utils.atomic import write_json_atomic
     from simret.utils.logs import get_logger
@@ -93,7 +93,7 @@ def fewshot(ctx: click.Context, split_root: Path, split_format: str, split: str,
                                features_dir=features_dir, batch_size=batch_size, workers=workers,
                                lock_timeout=lock_timeout, verify_content=verify_content)
     splits = load_splits(split_root, settings)  # a missing or malformed split fails before any model is built
-    encoder, device = build_encoder(model_spec, ctx)
+    encoder, device = build_inference_encoder(model_spec, ctx, compile=False)
     settings.device = device
     report = run_fewshot(encoder, split_root, settings, splits=splits)
     click.echo(report.format())

@@ -6,10 +6,12 @@ from typing import Any, Dict, Optional
 import click
 
 from simret.commands.options import (
-    BATCH_SIZE,
+    BATCH_SIZE_AUTO,
     MAX_SIZE,
     WORKERS,
     command_device,
+    compile_option,
+    given_on_command_line,
     index_params_option,
     lock_timeout_option,
     memory_size,
@@ -45,9 +47,9 @@ INDEX_KINDS = ["auto", "flat", "ivfpq", "hnsw", "none"]
 @click.option("--whiten-on", type=click.Path(exists=True), default=None, metavar="IMAGES|FILE.h5",
               help="Learn the whitening on other images (folder or list) or on a descriptors file.")
 @click.option("--whiten-dim", type=int, default=None, help="Keep this many whitened dimensions (default: all).")
-@click.option("--half", is_flag=True, help="Mixed-precision extraction and float16 descriptors on disk.")
-@click.option("-b", "--batch-size", type=BATCH_SIZE, default=16, show_default=True,
-              help="Images per forward pass.")
+@click.option("-b", "--batch-size", type=BATCH_SIZE_AUTO, default="auto", show_default=True,
+              help="Images of one size per forward pass (auto: by image size and device; 1 at 1024 px on a CPU).")
+@compile_option
 @click.option("-j", "--workers", type=WORKERS, default=None,
               help="Image-loading worker processes (default: up to 8 beside a GPU; on a CPU, none on ≤ 2 cores).")
 @click.option("--append", is_flag=True,
@@ -100,7 +102,9 @@ def index(ctx: click.Context, images: Optional[str], out: str, model_spec: Dict[
     Under torchrun every rank describes its share of the images (one GPU each, or CPU processes with
     gloo); rank 0 merges the shards into one store and builds the index.
     """
-    from simret.commands.options import build_encoder
+    from dataclasses import replace
+
+    from simret.commands.options import build_inference_encoder
     from simret.retrieval.indexdir import build_index
     from simret.utils import progress
     from simret.utils.distributed import barrier, distributed_session, quiet_unless_main
@@ -117,7 +121,8 @@ def index(ctx: click.Context, images: Optional[str], out: str, model_spec: Dict[
     with distributed_session(command_device(model_spec, ctx)) as session:
         if session.distributed:  # each rank on its own device (cuda:LOCAL_RANK, or the CPU)
             model_spec = {**model_spec, "device": str(session.device)}
-        encoder, _ = build_encoder(model_spec, ctx)
+        encoder, _ = build_inference_encoder(model_spec, ctx, compile=options["compile"])
+        settings = replace(settings, precision=encoder.precision)  # what is recorded: the one that ran
         summary = build_index(listing, out, encoder, settings, model_spec=model_spec, append=options["append"],
                               overwrite=options["overwrite"], progress=progress.is_enabled() and not other_rank)
         barrier()  # the other ranks wait until rank 0 has written the index
@@ -125,28 +130,30 @@ def index(ctx: click.Context, images: Optional[str], out: str, model_spec: Dict[
         click.echo(summary.line())
 
 
-SETTING_OPTIONS = ("kind", "whiten", "whiten_on", "whiten_dim", "half", "batch_size", "workers", "checkpoint_every",
+SETTING_OPTIONS = ("kind", "whiten", "whiten_on", "whiten_dim", "batch_size", "workers", "checkpoint_every",
                    "keep_missing", "verify_content", "lock_timeout", "max_latency_ms", "train_from")
 
 
 def _settings(ctx: click.Context, out: str, model_spec: Dict[str, Any], options: Dict[str, Any]):
     """``(model_spec, IndexSettings)`` from the options; with --append, options left at their defaults follow
     the index (model, scales, size, precision)."""
+    from simret.models.precision import recorded_precision
     from simret.retrieval.extraction import parse_scales
     from simret.retrieval.indexdir import IndexSettings
 
-    scales, max_size, half = options["scales"], options["max_size"], options["half"]
+    scales, max_size = options["scales"], options["max_size"]
     meta = _readable_meta(out) if options["append"] else None
     if meta is not None:
         model_spec = _spec_from_meta(ctx, model_spec, meta)
         scales = ",".join(str(s) for s in meta["scales"]) if _is_default(ctx, "scales") else scales
         max_size = (meta["max_size"] or 0) if _is_default(ctx, "max_size") else max_size
-        half = bool(meta.get("half")) if _is_default(ctx, "half") else half
+        if not given_on_command_line(ctx, "precision") and _is_default(ctx, "half"):
+            model_spec = {**model_spec, "precision": recorded_precision(meta)}
     if options["train_from"] and [n for n in ("kind", "index_params", "whiten", "max_memory") if not _is_default(ctx, n)]:
         raise click.UsageError("--train-from takes the index and whitening of DIR0: --index, --index-param, --whiten "
                                "and --max-memory do not apply")
     chosen = {name: options[name] for name in SETTING_OPTIONS}
-    return model_spec, IndexSettings(**{**chosen, "half": half}, scales=parse_scales(scales), max_size=max_size or None,
+    return model_spec, IndexSettings(**chosen, scales=parse_scales(scales), max_size=max_size or None,
                                      index_params=index_params_option(options["index_params"]),
                                      max_memory=memory_size(options["max_memory"]))
 
@@ -171,8 +178,9 @@ def _index_store(ctx: click.Context, out: str, options: Dict[str, Any]) -> None:
     from simret.retrieval.indexdir.build import build_from_store
     from simret.utils import progress
 
-    ignored = [name for name in ("append", "whiten_on", "scales", "max_size", "half", "keep_missing",
-                                 "verify_content", "shard", "train_from", *MODEL_KEYS) if not _is_default(ctx, name)]
+    ignored = [name for name in ("append", "whiten_on", "scales", "max_size", "half", "precision", "keep_missing",
+                                 "verify_content", "shard", "train_from", *MODEL_KEYS)
+               if given_on_command_line(ctx, name)]
     if ignored:
         shown = ", ".join("--" + name.replace("_", "-") for name in ignored)
         raise click.UsageError(f"--from-descriptors indexes the store as it is (its model, scales and size): {shown} "

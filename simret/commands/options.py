@@ -1,5 +1,6 @@
-"""What the commands share: the encoder options (``model_options``), the device a command runs on
-(``command_device``), and the option types of bounded numbers, whose ranges ``--help`` shows."""
+"""What the commands share: the encoder options (``model_options``, with ``--precision``), the device a
+command runs on (``command_device``), ``--compile`` and ``--batch-size N|auto``, and the option types of
+bounded numbers, whose ranges ``--help`` shows."""
 from __future__ import annotations
 
 import functools
@@ -108,13 +109,95 @@ def command_device(model_spec: Optional[Mapping[str, Any]] = None,
     return asked or (getattr(ctx.obj, "device", None) if ctx is not None and ctx.obj is not None else None)
 
 
+# ---------------------------------------------------------------------------------------- precision
+
+PRECISION_CHOICES = ["auto", "fp32", "bf16", "fp16"]
+PRECISION_OPTIONS = [
+    click.option("--precision", type=click.Choice(PRECISION_CHOICES, case_sensitive=False), default="auto",
+                 show_default=True, envvar="SIMRET_PRECISION",
+                 help="Arithmetic of the model's forward pass. auto: bf16 on CPUs with AMX or AVX512-BF16 and on "
+                      "GPUs that have it, fp16 on older GPUs, fp32 elsewhere. SimPool, the norms and the L2 "
+                      "normalisation stay fp32; descriptors of any precision are searched together. "
+                      "Default from $SIMRET_PRECISION when set."),
+    click.option("--half", is_flag=True, hidden=True,
+                 help="Deprecated: --precision bf16 on the CPU, fp16 on a GPU."),
+]
+COMPILE_CHOICES = ["auto", "on", "off"]
+
+
+def _precision_choice(precision: str, half: bool) -> str:
+    """``--precision`` (lower-cased), or the deprecated ``--half`` (with a warning) when it was not given."""
+    if half:
+        from simret.utils.logs import get_logger
+
+        ctx = click.get_current_context(silent=True)
+        given = ctx is not None and given_on_command_line(ctx, "precision")
+        get_logger("simret.commands").warning("--half is deprecated: use --precision bf16|fp16|auto%s",
+                                              " (--precision wins)" if given else " (taken as bf16 on a CPU, fp16 "
+                                                                                  "on a GPU)")
+        if not given:
+            return "half"
+    return precision.lower()
+
+
+def given_on_command_line(ctx: click.Context, name: str) -> bool:
+    """Whether option ``name`` was typed on the command line (not a default, nor an environment variable's)."""
+    from click.core import ParameterSource
+
+    return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+
+
+def precision_options(command: Callable) -> Callable:
+    """``--precision`` (and the hidden, deprecated ``--half``) for a command that runs an encoder without
+    ``model_options``; the command receives ``precision`` (``auto|fp32|bf16|fp16``, or ``half``)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, precision: str, half: bool, **kwargs: Any) -> Any:
+        return command(*args, precision=_precision_choice(precision, half), **kwargs)
+
+    for option in reversed(PRECISION_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def compile_option(command: Callable) -> Callable:
+    """``--compile auto|on|off`` for commands that run an encoder over many images (the command receives
+    ``compile``)."""
+    return click.option("--compile", "compile", type=click.Choice(COMPILE_CHOICES, case_sensitive=False),
+                        default="auto", show_default=True,
+                        help="torch.compile the encoder (CNNs; one graph for every image size). auto: once the "
+                             "images left would take longer than compiling saves (tens of seconds on a CPU; "
+                             "logged).")(command)
+
+
+class BatchSizeType(click.IntRange):
+    """``--batch-size``: a number >= 1, or ``auto`` (by image size and device: 1 at 1024 px on a CPU)."""
+
+    def __init__(self) -> None:
+        super().__init__(min=1)
+
+    def get_metavar(self, param: click.Parameter, ctx: Optional[click.Context] = None) -> str:
+        return f"{super().get_metavar(param, ctx) or 'INTEGER RANGE'}|auto"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        return super().convert(value, param, ctx)
+
+
+BATCH_SIZE_AUTO = BatchSizeType()
+"""``--batch-size N|auto`` of the retrieval commands (images of one size per forward pass)."""
+
+
 # ------------------------------------------------------------------------------------------ encoder
 
 
 def model_options(command: Callable) -> Callable:
-    """Add ``--model --pool --gamma --weights --checkpoint-key --device`` to a command.
+    """Add ``--model --pool --gamma --weights --checkpoint-key --device --precision`` to a command.
 
-    The command receives them collected in one ``model_spec`` dict argument.
+    The command receives them collected in one ``model_spec`` dict argument (``precision``: ``auto``,
+    ``fp32``, ``bf16``, ``fp16``, or ``half`` from the deprecated ``--half``; resolve it with
+    ``simret.models.precision.resolve_precision(spec["precision"], device)``).
     """
     options = [
         click.option("-m", "--model", "arch", default=None, metavar="ARCH",
@@ -132,13 +215,16 @@ def model_options(command: Callable) -> Callable:
                      help="Entry of a checkpoint dict holding the weights (default: teacher, state_dict, model …)."),
         click.option("--device", default=None, metavar=DEVICE_METAVAR, callback=check_device_name,
                      help="Device for the model (default: simret --device, i.e. auto)."),
+        *PRECISION_OPTIONS,
     ]
 
     @functools.wraps(command)
     def wrapper(*args: Any, arch: str, pool: str, gamma: Optional[float], weights: str,
-                checkpoint_key: Optional[str], device: Optional[str], **kwargs: Any) -> Any:
+                checkpoint_key: Optional[str], device: Optional[str], precision: str, half: bool,
+                **kwargs: Any) -> Any:
         kwargs["model_spec"] = {"arch": arch, "pool": pool, "gamma": gamma, "weights": weights,
-                                "checkpoint_key": checkpoint_key, "device": device}
+                                "checkpoint_key": checkpoint_key, "device": device,
+                                "precision": _precision_choice(precision, half)}
         return command(*args, **kwargs)
 
     for option in reversed(options):
@@ -146,20 +232,24 @@ def model_options(command: Callable) -> Callable:
     return wrapper
 
 
+def build_inference_encoder(model_spec: Dict[str, Any], ctx: Optional[click.Context] = None,
+                            compile: Any = "auto"):
+    """``(InferenceEncoder, device)``: the encoder of ``model_spec`` prepared for fast inference at
+    ``model_spec["precision"]`` (``simret.models.runtime.prepare_for_inference``): one call for a command
+    that describes images itself (e.g. ``serve``). ``compile="on"`` compiles now."""
+    from simret.models.runtime import prepare_for_inference
+
+    encoder, device = build_encoder(model_spec, ctx)
+    return prepare_for_inference(encoder, model_spec.get("precision", "auto"), device, compile=compile), device
+
+
 def build_encoder(model_spec: Dict[str, Any], ctx: Optional[click.Context] = None):
     """``(encoder on its device, device)`` from the options collected by ``model_options``."""
-    from simret.models import arch_or_default, create_encoder
+    from simret.models.encoder import create_encoder_from_spec
     from simret.utils.devices import resolve_device
 
     device = resolve_device(command_device(model_spec, ctx) or "auto")
-    weights = model_spec.get("weights")
-    weights = None if weights in (None, "none", "random") else weights
-    # files and official checkpoints name their own architecture
-    arch = arch_or_default(model_spec.get("arch"), weights)
-    encoder = create_encoder(arch, pool=model_spec.get("pool", "simpool"), gamma=model_spec.get("gamma"),
-                             weights=weights, checkpoint_key=model_spec.get("checkpoint_key"))
-    return encoder.to(device), device
-
+    return create_encoder_from_spec(model_spec).to(device), device
 
 
 def lock_timeout_option(command: Callable) -> Callable:

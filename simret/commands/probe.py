@@ -94,7 +94,7 @@ def probe(ctx: click.Context, root: Path, methods: str, train_split: str, val_sp
         raise click.BadParameter(f"{max(k_list)} neighbours, but {train.source} holds {len(train)} images: use at "
                                  f"most {len(train)}", param_hint="--k")
 
-    from simret.commands.options import build_encoder
+    from simret.commands.options import build_inference_encoder
     from simret.fewshot.cache import features_cache_dir
     from simret.fewshot.features import bank_settings
     from simret.probe.linear import LEARNING_RATES
@@ -103,7 +103,7 @@ def probe(ctx: click.Context, root: Path, methods: str, train_split: str, val_sp
     from simret.utils.logs import get_logger
 
     log = get_logger("simret.probe")
-    encoder, device = build_encoder(model_spec, ctx)
+    encoder, device = build_inference_encoder(model_spec, ctx, compile=False)
     settings = bank_settings(encoder, img_size, crop_pct)
     directory = features_dir if features_dir is not None else features_cache_dir("probe", root, "folders",
                                                                                    encoder.fingerprint, settings)

@@ -7,7 +7,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import click
 
-from simret.commands.options import ALPHA, BATCH_SIZE, NEIGHBOURS, WORKERS, command_device, model_options
+from simret.commands.options import (
+    ALPHA,
+    BATCH_SIZE_AUTO,
+    NEIGHBOURS,
+    WORKERS,
+    command_device,
+    compile_option,
+    model_options,
+)
 
 FORMATS = ["table", "jsonl", "tsv"]
 
@@ -51,14 +59,15 @@ def _parse_bbox(text: Optional[str]) -> Optional[Tuple[float, float, float, floa
               help="Map the FAISS index from its file instead of reading it (default: when it is larger than half "
                    "the memory available); a mapped index opens at once.")
 @model_options
-@click.option("-b", "--batch-size", type=BATCH_SIZE, default=16, show_default=True,
-              help="Query images per forward pass.")
+@click.option("-b", "--batch-size", type=BATCH_SIZE_AUTO, default="auto", show_default=True,
+              help="Query images of one size per forward pass (auto: by image size and device).")
+@compile_option
 @click.option("-j", "--workers", type=WORKERS, default=0, show_default=True,
               help="Image-loading worker processes.")
 @click.pass_context
 def search(ctx: click.Context, index_dir: str, queries: Tuple[str, ...], k: int, bbox: Optional[str],
            descriptor_file: Optional[str], qe: int, alpha: float, dba: int, rerank: int, fmt: str,
-           mmap: Optional[bool], model_spec: Dict[str, Any], batch_size: int, workers: int) -> None:
+           mmap: Optional[bool], model_spec: Dict[str, Any], batch_size: Any, compile: str, workers: int) -> None:
     """Rank the images of the index DIR for each QUERY image (files, or folders of images). Several index
     directories (shards: the leading arguments that are index directories) are searched as one, with one
     merged ranking.
@@ -95,7 +104,7 @@ def search(ctx: click.Context, index_dir: str, queries: Tuple[str, ...], k: int,
             raise click.UsageError("--bbox applies to query images, not to --descriptors")
         names, raw = _stored_queries(index, descriptor_file)
     else:
-        names, raw = _image_queries(ctx, index, queries, box, model_spec, batch_size, workers, log)
+        names, raw = _image_queries(ctx, index, queries, box, model_spec, batch_size, workers, log, compile)
     _write(_rank(ctx, index, names, raw, k, qe, alpha, dba, rerank, model_spec, log), fmt)
 
 
@@ -163,11 +172,11 @@ def _stored_queries(index, path: str):
 
 
 def _image_queries(ctx: click.Context, index, queries: Sequence[str], box, model_spec: Dict[str, Any],
-                   batch_size: int, workers: int, log):
+                   batch_size: Any, workers: int, log, compile: str = "auto"):
     from pathlib import Path
 
     from simret.commands.index import _spec_from_meta
-    from simret.commands.options import build_encoder
+    from simret.commands.options import build_inference_encoder
     from simret.data.images import list_images
     from simret.retrieval.queries import describe_queries
     from simret.utils import progress
@@ -180,7 +189,7 @@ def _image_queries(ctx: click.Context, index, queries: Sequence[str], box, model
         else:
             paths.append(query)
     spec = _spec_from_meta(ctx, model_spec, index.meta)
-    encoder, device = build_encoder(spec, ctx)
+    encoder, device = build_inference_encoder(spec, ctx, compile=compile)  # any precision: same fingerprint
     index.check_queries(encoder.fingerprint, what=f"query descriptors of this model ({spec.get('arch')})")
     described = describe_queries(encoder, index.meta, paths, boxes=[box] * len(paths) if box else None,
                                  batch_size=batch_size, workers=workers, device=device,

@@ -87,13 +87,13 @@ def serve(ctx: click.Context, index_dir: str, host: str, port: int, token: Optio
 
 def _build_app(ctx: click.Context, index_dir: str, model_spec: Dict[str, Any], **options: Any):
     from simret.commands.index import _spec_from_meta
-    from simret.commands.options import build_encoder
+    from simret.commands.options import build_inference_encoder
     from simret.retrieval.indexdir import IndexDir
     from simret.serve import create_app
 
     index = IndexDir(index_dir)
     spec = _spec_from_meta(ctx, model_spec, index.meta)
-    encoder, device = build_encoder(spec, ctx)
+    encoder, device = build_inference_encoder(spec, ctx, compile="off")  # a server's first queries must not wait
     index.check_queries(encoder.fingerprint, what=f"query descriptors of this model ({spec.get('arch')})")
     return create_app(index_dir, encoder=encoder, device=device, **options)
 

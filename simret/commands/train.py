@@ -32,8 +32,8 @@ from simret.commands.options import command_device, lock_timeout_option, model_o
 @click.option("--batch-size", type=int, default=64, show_default=True,
               help="Global batch: under torchrun each of N processes loads batch-size/N images per step.")
 @click.option("--grad-clip", type=float, default=None, metavar="NORM", help="Clip the gradient norm to NORM.")
-@click.option("--amp", is_flag=True, help="Mixed precision on CUDA (bf16 where supported, else fp16 with a "
-                                          "gradient scaler); ignored on CPU.")
+@click.option("--amp", is_flag=True, hidden=True,
+              help="Deprecated: --precision auto on CUDA (bf16 where supported, else fp16 with a gradient scaler).")
 @click.option("--img-size", type=int, default=None, metavar="PX",
               help="Training crop size (default: the model's); saved with the encoder for later preprocessing.")
 @click.option("--augment/--no-augment", default=True, show_default=True,
@@ -61,7 +61,7 @@ def train(ctx: click.Context, data: str, out: str, split: Optional[str], model_s
     Examples:
       simret train photos/ --out ckpt/ --model resnet50 --gamma 2.0 --weights timm --freeze-trunk
       simret train ~/data/miniimagenet --split train --out ckpt/ --model resnet18 --weights none \\
-          --img-size 84 --epochs 90 --lr 1e-3 --batch-size 128 --amp
+          --img-size 84 --epochs 90 --lr 1e-3 --batch-size 128
       simret train photos/ --out ckpt/ --model resnet50 --gamma 2.0 --weights timm --freeze-trunk --resume
                                           # after a stop: the same command plus --resume
       torchrun --nproc_per_node=4 -m simret train photos/ --out ckpt/ --model resnet50 --batch-size 256
@@ -87,7 +87,8 @@ def train(ctx: click.Context, data: str, out: str, split: Optional[str], model_s
     config = TrainConfig(
         data=data, out=out, split=split, arch=model_spec.get("arch"), pool=model_spec.get("pool", "simpool"),
         gamma=model_spec.get("gamma"), weights=model_spec.get("weights"),
-        checkpoint_key=model_spec.get("checkpoint_key"), device=device, **options)
+        checkpoint_key=model_spec.get("checkpoint_key"), device=device,
+        precision=model_spec.get("precision", "fp32"), **options)
     result = run_training(config)
     if other_rank:
         return  # rank 0 reports for the group

@@ -10,7 +10,8 @@
     sizes, mtimes, digests     each image file's size, modification time (ns) and, with ``verify_content``,
                                SHA-256 when its features were computed
     attrs: the encoder's provenance (fingerprint, arch, pool, gamma, weights, dim, simret_version), created,
-           split, split_format, split_source, image_size, crop_pct, n_images, n_classes
+           split, split_format, split_source, image_size, crop_pct, n_images, n_classes, precision (of the
+           forward pass: fp32, bf16 or fp16; banks of any precision are reused alike)
 
 Images go through ``classification_transform(encoder.data_config)`` — resize and centre crop at the
 encoder's input size, or at ``image_size`` (e.g. 84 for miniImageNet-style data) — in a torch DataLoader.

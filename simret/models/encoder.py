@@ -438,6 +438,18 @@ def _wrap(trunk: nn.Module, pooling: nn.Module, plan: _EncoderPlan, source: Weig
     return encoder.eval()
 
 
+def create_encoder_from_spec(spec: Dict[str, Any]) -> Encoder:
+    """An encoder from command options or an index's model record (``meta.json`` ``model``): ``arch``,
+    ``pool``, ``gamma``, ``weights`` (``none``/``random``, ``timm``, ``simpool:NAME``, a path) and
+    ``checkpoint_key``; the architecture defaults as ``arch_or_default`` says."""
+    from simret.models.defaults import arch_or_default
+
+    weights = spec.get("weights")
+    weights = None if weights in (None, "none", "random") else weights
+    return create_encoder(arch_or_default(spec.get("arch"), weights), pool=spec.get("pool") or "simpool",
+                          gamma=spec.get("gamma"), weights=weights, checkpoint_key=spec.get("checkpoint_key"))
+
+
 def _jsonable(value: Any) -> bool:
     try:
         json.dumps(value)

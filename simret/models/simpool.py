@@ -11,6 +11,9 @@ Given features ``X`` of ``N`` tokens of width ``d`` (CNN locations or ViT patch 
   (power) mean ``(sum_n a_n (v_n - min v + eps)^gamma)^(1/gamma)`` (``min v``: the smallest value of
   this image's LayerNorm-ed tokens) plus an optional learnt ``beta``.
 
+Under autocast (``--precision bf16|fp16``) everything here runs in float32 — the LayerNorm, the softmax, the
+power mean — and the pooled vector is returned in float32, so reduced precision stops at the trunk.
+
 Parameter names (``norm_patches``, ``wq``, ``wk``, ``beta``) and shapes are those of the official module so
 its checkpoints load unchanged. Unlike the official module this one runs on any device and dtype, keeps
 the batch dimension for B=1, returns ``(B, d)`` for every head count, takes the γ shift per image (an
@@ -106,6 +109,7 @@ class SimPool(nn.Module):
         if num_tokens == 0:
             raise ValueError("SimPool got zero tokens to pool")
         dtype = _compute_dtype(tokens.dtype)
+        out_dtype = _output_dtype(x)
         with torch.autocast(device_type=tokens.device.type, enabled=False):
             tokens = tokens.to(dtype)
             norm = self.norm_patches
@@ -125,9 +129,9 @@ class SimPool(nn.Module):
                 pooled = self._weighted_sum(attn, powered).pow(1.0 / self.gamma)
                 if self.use_beta:
                     pooled = pooled + _cast(self.beta, dtype)
-            pooled = pooled.reshape(batch, width).to(x.dtype)
+            pooled = pooled.reshape(batch, width).to(out_dtype)
         if return_attention:
-            return pooled, attn.to(x.dtype)
+            return pooled, attn.to(out_dtype)
         return pooled
 
     def _attention(self, query: Tensor, keys: Tensor) -> Tensor:
@@ -152,6 +156,14 @@ class SimPool(nn.Module):
             return torch.bmm(attn, values)  # (B, 1, C)
         batch, num_tokens, _ = values.shape
         return torch.einsum("bhn,bnhc->bhc", attn, values.view(batch, num_tokens, self.num_heads, self.head_dim))
+
+
+def _output_dtype(x: Tensor) -> torch.dtype:
+    """The dtype SimPool returns: its input's, except under autocast, where the float32 result is kept (the
+    pooled vector is the descriptor: rounding it to bf16 would cost accuracy for nothing)."""
+    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+        return torch.float32
+    return x.dtype
 
 
 def _cast(tensor: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:

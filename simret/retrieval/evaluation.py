@@ -33,7 +33,7 @@ class EvalSettings:
     max_size: Optional[int] = 1024
     batch_size: int = 16
     workers: Optional[int] = None
-    half: bool = False
+    precision: str = "fp32"  # fp32|bf16|fp16 (resolved; simret.models.precision)
     distractors: Optional[str] = None  # None or "revisitop1m"
     qe: int = 0  # αQE neighbours (0: off)
     dba: int = 0  # αDBA neighbours (0: off)
@@ -106,8 +106,8 @@ def cached_descriptors(encoder: Any, paths: Sequence[Path], cache: Path, setting
     if not listing.is_file() or listing.read_text() != text:
         write_text_atomic(listing, text)
     index_settings = IndexSettings(scales=tuple(settings.scales), max_size=settings.max_size, kind=STORE_ONLY,
-                                   half=settings.half, batch_size=settings.batch_size, workers=settings.workers,
-                                   lock_timeout=settings.lock_timeout)
+                                   precision=settings.precision, batch_size=settings.batch_size,
+                                   workers=settings.workers, lock_timeout=settings.lock_timeout)
     summary = build_index(listing, cache / "index", encoder, index_settings, overwrite=foreign, progress=True)
     log.info("%s: %s", what, summary.line())
     if summary.failures and not allow_failures:
@@ -125,8 +125,9 @@ def cached_descriptors(encoder: Any, paths: Sequence[Path], cache: Path, setting
 
 
 def _settings_key(encoder: Any, settings: EvalSettings) -> str:
+    precision = {"half": False} if settings.precision == "fp32" else {"half": True, "precision": settings.precision}
     key = json.dumps({"fp": encoder.fingerprint, "scales": list(settings.scales), "max": settings.max_size,
-                      "half": settings.half}, sort_keys=True)
+                      **precision}, sort_keys=True)  # fp32 keys are those of caches made before --precision
     return f"{encoder.fingerprint}-{hashlib.blake2b(key.encode(), digest_size=4).hexdigest()}"
 
 
@@ -211,12 +212,12 @@ def _describe(encoder: Any, dataset: Any, distractors: Any, settings: EvalSettin
     timings["database"] = time.monotonic() - mark
     whitening = learn_whitening_on(settings.whiten_on, encoder, scales=settings.scales, max_size=settings.max_size,
                                    batch_size=settings.batch_size, workers=settings.workers,
-                                   half=settings.half) if settings.whiten_on else None
+                                   precision=settings.precision) if settings.whiten_on else None
     database = _whiten(db_store.rows(db_rows), whitening)
     mark = time.monotonic()
     query_result = extract(encoder, dataset.image_dir, dataset.query_ids, boxes=dataset.query_boxes,
                            scales=settings.scales, max_size=settings.max_size, batch_size=settings.batch_size,
-                           workers=0, half=settings.half)
+                           workers=0, precision=settings.precision)
     if query_result.failures:
         shown = "; ".join(f"{i}: {r}" for i, r in query_result.failures[:5])
         raise ValueError(f"{len(query_result.failures)} query image(s) could not be used: {shown}")

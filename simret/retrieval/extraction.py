@@ -6,13 +6,18 @@ scales and L2-normalise again. Images of equal size after preprocessing are batc
 padded, so an image's descriptor does not depend on the others in its batch. DataLoader workers decode and
 resize while the model runs. Unreadable images are reported, never fatal.
 
+The encoder runs through ``simret.models.runtime.prepare_for_inference``: the ``precision`` asked for
+(``fp32`` by default here, exact; the command line's default is ``auto``), channels-last for CNNs, and with
+``compile`` a compiled graph whose height and width are dynamic (no recompilation per image size).
+
 ``extract`` is a pure function of ``(encoder, ids)`` (no global state), so a distributed caller can give each
 rank its own shard of ids and gather the results.
 """
 from __future__ import annotations
 
-import contextlib
 import os
+import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -23,7 +28,8 @@ from simret.utils.logs import get_logger
 log = get_logger(__name__)
 PathLike = Union[str, os.PathLike]
 Box = Sequence[float]
-DEFAULT_BATCH_SIZE = 16
+BatchSize = Union[int, str, None]  # a number, or "auto" (by image size and device)
+DEFAULT_BATCH_SIZE = "auto"
 BUFFER_BATCHES = 4  # images of different sizes wait at most this many batches' worth before running
 
 
@@ -87,39 +93,36 @@ def parse_scales(text: str) -> Tuple[float, ...]:
 
 def iter_extract(encoder: Any, root: PathLike, ids: Sequence[str], *, boxes: Optional[Sequence[Optional[Box]]] = None,
                  scales: Sequence[float] = (1.0,), max_size: Optional[int] = 1024,
-                 batch_size: int = DEFAULT_BATCH_SIZE, workers: Optional[int] = None, device: Any = None,
-                 half: bool = False, progress: bool = True) -> Iterator[ExtractedBatch]:
+                 batch_size: BatchSize = DEFAULT_BATCH_SIZE, workers: Optional[int] = None, device: Any = None,
+                 precision: Optional[str] = None, compile: Any = None, half: bool = False,
+                 progress: bool = True) -> Iterator[ExtractedBatch]:
     """Like ``extract``, but yields results as they are computed (out of order across image sizes)."""
-    import torch
     from torch.utils.data import DataLoader
 
     from simret.data.images import Failed, ImageList, RetrievalTransform
+    from simret.models.runtime import InferenceEncoder, prepare_for_inference
     from simret.utils.progress import progress as progress_bar
 
     scales = check_scales(scales)
-    if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
     if max_size is not None and max_size < 1:
         raise ValueError(f"max_size must be a positive number of pixels, got {max_size}")
-    from simret.utils.devices import resolve_device
-
-    parameter = next(encoder.parameters(), None)
-    device = resolve_device(device) if device is not None else (parameter.device if parameter is not None
-                                                                 else torch.device("cpu"))
-    if parameter is not None and parameter.device != device:
-        encoder.to(device)
-    config = encoder.data_config
+    precision = _precision_argument(precision, half, prepared=isinstance(encoder, InferenceEncoder))
+    base = encoder.encoder if isinstance(encoder, InferenceEncoder) else encoder
+    was_training = base.training
+    runtime = prepare_for_inference(encoder, precision, device, compile=compile)
+    device = runtime.device
+    batch_size = resolve_batch_size(batch_size, max_size, device)
+    config = runtime.data_config
     transform = RetrievalTransform(tuple(config["mean"]), tuple(config["std"]), max_size)
     dataset = ImageList(root, ids, transform, boxes=boxes)
     workers = default_workers(device) if workers is None else int(workers)
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_keep,
-                        pin_memory=device.type == "cuda", persistent_workers=False,
+                        persistent_workers=False,
                         **({"prefetch_factor": max(2, 2 * batch_size // max(workers, 1))} if workers else {}))
-    runner = _BatchRunner(encoder, scales, device, half)
+    runner = _BatchRunner(runtime, scales, len(dataset))
+    log.debug("extracting %d images: %s, batch size %d", len(dataset), runtime.describe(), batch_size)
     buckets: Dict[Tuple[int, ...], List[Tuple[Any, int]]] = {}
     buffered = 0
-    was_training = encoder.training
-    encoder.eval()
     bar = progress_bar(total=len(dataset), desc="extract", unit="img") if progress else _NoBar()
     try:
         for item in loader:
@@ -149,28 +152,35 @@ def iter_extract(encoder: Any, root: PathLike, ids: Sequence[str], *, boxes: Opt
     finally:
         bar.close()
         if was_training:
-            encoder.train()
+            base.train()
 
 
 def extract(encoder: Any, root: PathLike, ids: Sequence[str], *, boxes: Optional[Sequence[Optional[Box]]] = None,
-            scales: Sequence[float] = (1.0,), max_size: Optional[int] = 1024, batch_size: int = DEFAULT_BATCH_SIZE,
-            workers: Optional[int] = None, device: Any = None, half: bool = False,
-            progress: bool = True) -> ExtractResult:
+            scales: Sequence[float] = (1.0,), max_size: Optional[int] = 1024, batch_size: BatchSize = DEFAULT_BATCH_SIZE,
+            workers: Optional[int] = None, device: Any = None, precision: Optional[str] = None, compile: Any = None,
+            half: bool = False, progress: bool = True) -> ExtractResult:
     """Global descriptors of the images ``root/<id>``.
 
     Args:
-        encoder: a ``simret.models.Encoder`` (or any module ``images (B,3,H,W) → (B,D)`` with ``data_config``).
+        encoder: a ``simret.models.Encoder`` (or any module ``images (B,3,H,W) → (B,D)`` with ``data_config``),
+            or an ``InferenceEncoder`` (``prepare_for_inference``), used as it was prepared unless
+            ``precision``/``compile`` say otherwise.
         root: folder the ids are relative to (absolute ids are used as they are).
         ids: image ids.
         boxes: optional ``(x1, y1, x2, y2)`` per image (None for whole images), cropped before resizing
             (Revisited queries).
         scales: e.g. ``(1, 1/√2, 1/2)``; each is applied to the ``max_size`` image.
         max_size: long side after the first resize (None: keep the image size).
-        batch_size: images per forward pass (only same-size images share one).
+        batch_size: images per forward pass (only same-size images share one); ``"auto"``: by image size
+            and device (``simret.models.runtime.auto_batch_size``).
         workers: DataLoader worker processes that decode and resize while the model runs (default:
             ``default_workers(device)``; 0 loads in this process).
         device: where the encoder runs (default: where its parameters are; the encoder is moved there).
-        half: mixed precision (float16 autocast on CUDA/MPS, bfloat16 on CPU); descriptors stay float32.
+        precision: ``fp32`` (default for an ``Encoder``: exact), ``bf16``, ``fp16`` or ``auto``
+            (``simret.models.precision``); descriptors are float32 whatever it is.
+        compile: ``torch.compile`` the encoder: False (default for an ``Encoder``), True, or ``"auto"`` (once
+            the run is long enough to repay the compile time; ``simret.models.runtime``).
+        half: deprecated, ``precision="half"`` (bf16 on the CPU, fp16 on accelerators).
         progress: show a progress bar on stderr (unless progress bars are switched off globally).
 
     Returns:
@@ -178,11 +188,15 @@ def extract(encoder: Any, root: PathLike, ids: Sequence[str], *, boxes: Optional
         ``ids`` that succeeded, and ``failures`` ``[(id, reason)]``.
     """
     ids = list(ids)
+    from simret.models.runtime import InferenceEncoder
+
+    precision = _precision_argument(precision, half, prepared=isinstance(encoder, InferenceEncoder))
     positions: List[np.ndarray] = []
     rows: List[np.ndarray] = []
     failed: List[Tuple[int, str]] = []
     for batch in iter_extract(encoder, root, ids, boxes=boxes, scales=scales, max_size=max_size,
-                              batch_size=batch_size, workers=workers, device=device, half=half, progress=progress):
+                              batch_size=batch_size, workers=workers, device=device, precision=precision,
+                              compile=compile, progress=progress):
         if len(batch.positions):
             positions.append(batch.positions)
             rows.append(batch.descriptors)
@@ -211,21 +225,16 @@ class _NoBar:
 
 
 class _BatchRunner:
-    """Runs the encoder on a list of same-size ``(tensor (3,H,W), position)`` items, all scales."""
+    """Runs the prepared encoder on lists of same-size ``(tensor (3,H,W), position)`` items, all scales;
+    with ``compile="auto"`` it decides, from the eager time per image so far, whether compiling pays off."""
 
-    def __init__(self, encoder: Any, scales: Tuple[float, ...], device: Any, half: bool) -> None:
-        self.encoder = encoder
+    def __init__(self, runtime: Any, scales: Tuple[float, ...], total: int) -> None:
+        self.runtime = runtime
         self.scales = scales
-        self.device = device
-        self.half = half
-
-    def autocast(self):
-        import torch
-
-        if not self.half:
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        self.total = total
+        self.done = 0
+        self.eager_images = 0
+        self.eager_seconds = 0.0
 
     def descriptors(self, images):
         """images ``(B, 3, H, W)`` → ``(B, D)`` float32: per scale L2N(encoder), mean, L2N."""
@@ -233,26 +242,33 @@ class _BatchRunner:
         import torch.nn.functional as F
 
         total = None
-        with torch.inference_mode(), self.autocast():
+        images = self.runtime.prepare_images(images)
+        with torch.inference_mode():
             for scale in self.scales:
                 batch = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear",
                                                                   align_corners=False)
-                out = F.normalize(self.encoder(batch).float(), dim=-1)
+                out = F.normalize(self.runtime(batch), dim=-1)
                 total = out if total is None else total + out
-        return F.normalize(total / len(self.scales), dim=-1)
+            return F.normalize(total / len(self.scales), dim=-1)
 
     def __call__(self, items: List[Tuple[Any, int]]) -> ExtractedBatch:
-        import torch
-
         positions = np.asarray([position for _, position in items], dtype=np.int64)
-        images = torch.stack([tensor for tensor, _ in items]).to(self.device, non_blocking=True)
+        images = _stack([tensor for tensor, _ in items], self.runtime.device)
+        started = time.perf_counter()
+        compiled = self.runtime.compiled
         try:
-            return ExtractedBatch(positions, self.descriptors(images).cpu().numpy(), [])
+            result = ExtractedBatch(positions, self.descriptors(images).cpu().numpy(), [])
         except RuntimeError as err:  # e.g. an image too small for the trunk at some scale
             if len(items) > 1:
                 return self._one_by_one(images, positions)
             return ExtractedBatch(np.zeros(0, np.int64), np.zeros((0, 0), np.float32),
                                   [(int(positions[0]), _model_error(err, tuple(images.shape[-2:])))])
+        self.done += len(items)
+        if not compiled and self.runtime.compile_mode == "auto":
+            self.eager_images += len(items)
+            self.eager_seconds += time.perf_counter() - started
+            self.runtime.maybe_compile(self.eager_images, self.eager_seconds, self.total - self.done)
+        return result
 
     def _one_by_one(self, images, positions: np.ndarray) -> ExtractedBatch:
         kept, rows, failures = [], [], []
@@ -264,6 +280,39 @@ class _BatchRunner:
                 failures.append((position, _model_error(err, tuple(image.shape[-2:]))))
         descriptors = np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
         return ExtractedBatch(np.asarray(kept, dtype=np.int64), descriptors, failures)
+
+
+def _stack(tensors: List[Any], device: Any):
+    """One batch ``(B, 3, H, W)``; in page-locked memory when it goes to a CUDA device, so the copy there is
+    asynchronous (``non_blocking``) and overlaps the previous batch's work."""
+    import torch
+
+    if getattr(device, "type", "cpu") != "cuda":
+        return torch.stack(tensors)
+    pinned = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype, pin_memory=True)
+    return torch.stack(tensors, out=pinned)
+
+
+def _precision_argument(precision: Optional[str], half: bool, prepared: bool = False) -> Optional[str]:
+    """The precision asked for: ``precision``, else the deprecated ``half`` flag's, else ``fp32`` (None for
+    an ``InferenceEncoder``: the precision it was prepared with)."""
+    if half and precision is None:
+        warnings.warn("half=True is deprecated: pass precision='bf16', 'fp16' or 'auto'", DeprecationWarning,
+                      stacklevel=3)
+        return "half"
+    return precision or (None if prepared else "fp32")
+
+
+def resolve_batch_size(batch_size: BatchSize, max_size: Optional[int], device: Any) -> int:
+    """An ``int`` batch size (``"auto"``/None: ``auto_batch_size(max_size, device)``); ValueError below 1."""
+    if batch_size is None or str(batch_size).strip().lower() == "auto":
+        from simret.models.runtime import auto_batch_size
+
+        return auto_batch_size(max_size, device)
+    value = int(batch_size)
+    if value < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    return value
 
 
 def _model_error(err: BaseException, size: Tuple[int, int]) -> str:

@@ -1,8 +1,9 @@
 """Query descriptors for an index: query images described exactly as the index described its images.
 
 One home for "describe these query images for this index", used by ``simret search`` and by
-``simret serve``: the index's ``scales``, ``max_size`` and ``half`` (from its ``meta.json``), an optional
-box per image (cropped first, as ``--bbox``), then ``simret.retrieval.extraction.extract``. The raw
+``simret serve``: the index's ``scales`` and ``max_size`` (from its ``meta.json``), an optional box per image
+(cropped first, as ``--bbox``), then ``simret.retrieval.extraction.extract`` with the caller's encoder (at its
+own precision: descriptors of any precision are comparable, the fingerprint is the same). The raw
 descriptors returned go to ``IndexDir.search``, which whitens and normalises them as the index did.
 """
 from __future__ import annotations
@@ -37,9 +38,8 @@ class QueryDescriptors:
 
 
 def describe_settings(meta: Dict[str, Any]) -> Dict[str, Any]:
-    """The extraction settings of an index (``scales``, ``max_size``, ``half``) from its ``meta.json`` record."""
-    return {"scales": tuple(float(s) for s in meta["scales"]), "max_size": meta["max_size"],
-            "half": bool(meta.get("half"))}
+    """The extraction settings of an index (``scales``, ``max_size``) from its ``meta.json`` record."""
+    return {"scales": tuple(float(s) for s in meta["scales"]), "max_size": meta["max_size"]}
 
 
 def describe_queries(encoder: Any, meta: Dict[str, Any], paths: Sequence[PathLike], *,
@@ -49,7 +49,7 @@ def describe_queries(encoder: Any, meta: Dict[str, Any], paths: Sequence[PathLik
 
     Args:
         encoder: the index's encoder (same fingerprint; the caller checks it with ``IndexDir.check_queries``).
-        meta: the index's meta record (``IndexDir.meta``): its scales, max_size and half are used.
+        meta: the index's meta record (``IndexDir.meta``): its scales and max_size are used.
         paths: image files (relative paths are taken from the working directory).
         boxes: optional ``(x1, y1, x2, y2)`` per image (None: the whole image), in pixels of the image.
         batch_size: images per forward pass (only images of equal size after resizing share one).

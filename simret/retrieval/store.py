@@ -92,6 +92,12 @@ def store_attrs(provenance: Mapping[str, Any], *, scales: Sequence[float], max_s
     return attrs
 
 
+def store_dtype(precision: str) -> str:
+    """How descriptors computed at ``precision`` are stored: float32 from fp32, float16 from bf16/fp16 (their
+    own rounding is coarser than float16's, so nothing more is lost, and the store is half the size)."""
+    return "float32" if precision == "fp32" else "float16"
+
+
 def chunk_rows(dim: int, dtype: Any = np.float32) -> int:
     """Rows per HDF5 chunk for ``dim``-wide rows of ``dtype`` (``simret.utils.h5checked.chunk_rows``)."""
     return min(65536, h5checked.chunk_rows(dim * np.dtype(dtype).itemsize))

@@ -187,7 +187,7 @@ class PCAWhitening:
 
 def learn_whitening_on(source: PathLike, encoder: Any, *, dim: Optional[int] = None, scales: Any = (1.0,),
                        max_size: Optional[int] = 1024, batch_size: int = 16, workers: Optional[int] = None,
-                       half: bool = False, progress: bool = True) -> PCAWhitening:
+                       precision: Optional[str] = None, progress: bool = True) -> PCAWhitening:
     """PCA whitening learned on other images than the ones it will whiten (``--whiten-on``).
 
     ``source`` is a descriptor store (``.h5``/``.hdf5``) of the same encoder, read block by block, or a
@@ -217,7 +217,7 @@ def learn_whitening_on(source: PathLike, encoder: Any, *, dim: Optional[int] = N
     root, ids = list_images(source)
     log.info("learning whitening on %d images from %s", len(ids), source)
     result = extract(encoder, root, ids, scales=scales, max_size=max_size, batch_size=batch_size, workers=workers,
-                     half=half, progress=progress)
+                     precision=precision, progress=progress)
     if result.failures:
         log.warning("whitening: %d of %d images under %s could not be used", len(result.failures), len(ids), source)
     if len(result.ids) < 2:

@@ -287,11 +287,18 @@ def _version() -> str:
 
 
 def _encoder_from_meta(index_dir: PathLike, device: Any):
-    from simret.commands.options import build_encoder
-    from simret.retrieval.indexdir import IndexDir
+    """The index's encoder (its meta.json model record), prepared for inference at the precision
+    ``simret search`` uses by default (``$SIMRET_PRECISION``, else ``auto``), never compiled (a server's first
+    queries must not wait)."""
+    from simret.models.encoder import create_encoder_from_spec
+    from simret.models.runtime import prepare_for_inference
+    from simret.retrieval.indexdir import read_meta
+    from simret.utils.devices import resolve_device
 
-    meta = IndexDir(index_dir).meta
-    return build_encoder({**meta.get("model", {}), "device": None if device is None else str(device)})
+    device = resolve_device(device or "auto")
+    encoder = create_encoder_from_spec(read_meta(index_dir).get("model", {})).to(device)
+    precision = os.environ.get("SIMRET_PRECISION", "auto")
+    return prepare_for_inference(encoder, precision, device, compile="off"), device
 
 
 # ---------------------------------------------------------------------------------------- routes

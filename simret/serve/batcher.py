@@ -45,7 +45,7 @@ class DescribeJob:
 
     @property
     def key(self) -> Hashable:
-        return (tuple(self.meta["scales"]), self.meta["max_size"], bool(self.meta.get("half")))
+        return (tuple(self.meta["scales"]), self.meta["max_size"])
 
 
 @dataclass

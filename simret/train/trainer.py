@@ -58,7 +58,7 @@ DEFAULT_LR_FROZEN_TRUNK = 1e-3
 # options that must match the checkpoint to resume it (others may change, with a warning)
 RESUME_MUST_MATCH = ("loss", "freeze_trunk")
 RESUME_SHOULD_MATCH = ("epochs", "lr", "min_lr", "warmup_epochs", "weight_decay", "batch_size", "grad_clip",
-                       "img_size", "augment", "seed", "margin", "scale", "label_smoothing", "amp")
+                       "img_size", "augment", "seed", "margin", "scale", "label_smoothing", "amp", "precision")
 
 
 @dataclass
@@ -86,7 +86,8 @@ class TrainConfig:
     weight_decay: float = 0.05
     batch_size: int = 64
     grad_clip: Optional[float] = None
-    amp: bool = False
+    amp: bool = False  # legacy: on CUDA, --precision auto when --precision is fp32
+    precision: str = "fp32"  # autocast of forward and backward: fp32, bf16, fp16 or auto (simret.models.precision)
     workers: Optional[int] = None  # None: default_train_workers(device)
     seed: int = 0
     img_size: Optional[int] = None
@@ -428,15 +429,22 @@ class _Run:
         return loader, sampler, torch.tensor(data.labels, dtype=torch.long)
 
     def _amp(self):
-        if not self.config.amp:
+        """``(autocast dtype or None, gradient scaler)`` of ``--precision`` (fp16 gets a scaler; bf16 has
+        float32's range and needs none)."""
+        from simret.models.precision import resolve_precision, torch_dtype
+
+        precision = resolve_precision(self.config.precision, self.device)
+        if self.config.amp and precision == "fp32":
+            if self.device.type != "cuda":
+                self.warn("--amp applies to CUDA devices only: it is ignored on %s (use --precision)", self.device)
+            else:
+                precision = resolve_precision("auto", self.device)
+        if precision == "fp32":
             return None, torch.amp.GradScaler("cuda", enabled=False)
-        if self.device.type != "cuda":
-            self.warn("--amp applies to CUDA devices only: it is ignored on %s (training in float32)", self.device)
-            return None, torch.amp.GradScaler("cuda", enabled=False)
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        self.say("AMP: autocast to %s%s", str(dtype).replace("torch.", ""),
-                 " with a gradient scaler" if dtype == torch.float16 else "")
-        return dtype, torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+        dtype = torch_dtype(precision)
+        scaled = dtype == torch.float16 and self.device.type in ("cuda", "cpu")
+        self.say("mixed precision: autocast to %s%s", precision, " with a gradient scaler" if scaled else "")
+        return dtype, torch.amp.GradScaler(self.device.type if scaled else "cuda", enabled=scaled)
 
     def _wrap_ddp(self, model: nn.Module, encoder) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel

@@ -20,6 +20,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from simret.models.precision import recorded_precision
 from simret.retrieval.indexdir.assemble import Assembled, assemble_store, resolve_sources
 from simret.retrieval.indexdir.checkpoints import Checkpoints
 from simret.retrieval.indexdir.describe import Described, describe_missing
@@ -36,7 +37,7 @@ from simret.retrieval.indexdir.plan import Entry, Plan, make_plan, path_key
 from simret.retrieval.indexdir.previous import Previous, load_previous
 from simret.retrieval.indexdir.searchable import INDEXED, Searchable, build_searchable, same_index_settings
 from simret.retrieval.indexdir.settings import BuildSummary, IndexSettings
-from simret.retrieval.store import StoreError, StoreReader, store_attrs
+from simret.retrieval.store import StoreError, StoreReader, store_attrs, store_dtype
 from simret.utils import distributed
 from simret.utils.atomic import write_failure
 from simret.utils.filestate import file_checksum
@@ -123,7 +124,8 @@ def build_index(source: Union[PathLike, Listing], out: PathLike, encoder: Any,
 
 def _build(out: Path, root: Path, listed: Sequence[str], previous: Previous, encoder: Any, settings: IndexSettings,
            model_spec: Optional[Dict[str, Any]], append: bool, progress: bool) -> BuildSummary:
-    attrs = store_attrs(encoder.provenance(), scales=settings.scales, max_size=settings.max_size)
+    attrs = store_attrs(encoder.provenance(), scales=settings.scales, max_size=settings.max_size,
+                        extra={"precision": settings.precision})
     checkpoints = Checkpoints(out, attrs)  # valid whatever --overwrite says: same encoder and settings
     plan = make_plan(root, listed, previous, checkpoints.scan(), append=append, keep_missing=settings.keep_missing,
                      verify_content=settings.verify_content)
@@ -178,7 +180,8 @@ def build_from_store(out: PathLike, settings: Optional[IndexSettings] = None, *,
                 _check_replacement(previous, rows, out)
                 settings = replace(settings, scales=tuple(rows.attrs.get("scales", [1.0])),
                                    max_size=rows.attrs.get("max_size") or None,
-                                   half=rows.store.dtype == np.float16)
+                                   precision=rows.attrs.get("precision")
+                                   or ("bf16" if rows.store.dtype == np.float16 else "fp32"))
             plan = Plan(rows.root or Path(), [], rows.states.take(np.flatnonzero(rows.usable)), len(rows.ids),
                         lost=int((~rows.usable).sum()))
             for row in np.flatnonzero(rows.usable).tolist():
@@ -231,7 +234,7 @@ def _repair_settings(out: Path, previous: Previous, given: IndexSettings) -> Ind
                    whiten=whitening.get("kind", "none"),
                    whiten_on=learned_on if learned_on not in (None, INDEXED) else None,
                    whiten_dim=whitening.get("out_dim") if whitening.get("kind") == "pca" else None,
-                   half=bool(meta.get("half")))
+                   precision=recorded_precision(meta))
 
 
 def _check_replacement(previous: Previous, rows: Previous, out: Path) -> None:
@@ -343,7 +346,7 @@ def commit_generation(out: Path, plan: Plan, kept: List[int], failed: List[Tuple
     meta = previous.meta or {}
     sequence = int(meta.get("sequence", 0)) + 1
     generation_id = new_generation_id(sequence)
-    dtype = meta.get("store_dtype", "float32") if append and meta else ("float16" if settings.half else "float32")
+    dtype = meta.get("store_dtype", "float32") if append and meta else store_dtype(settings.precision)
     target = out
     try:
         with NewGeneration(out, generation_id) as generation:
@@ -395,7 +398,8 @@ def _meta_record(generation: NewGeneration, generation_id: str, sequence: int, p
         "root": str(plan.root), "sources": sources, "count": len(assembled.ids), "skipped": len(failed),
         "fingerprint": identity.fingerprint, "model": identity.model,
         "provenance": identity.provenance, "dim": assembled.dim, "scales": [float(s) for s in settings.scales],
-        "max_size": settings.max_size, "half": bool(settings.half), "store_dtype": dtype, "index": searchable.index_meta,
+        "max_size": settings.max_size, "precision": settings.precision, "store_dtype": dtype,
+        "index": searchable.index_meta,
         "whitening": searchable.whitening_meta, "files": files,
     }
 

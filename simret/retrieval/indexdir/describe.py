@@ -41,7 +41,7 @@ def describe_missing(plan: Plan, encoder: Any, settings: Any, checkpoints: Check
     described = Described()
     try:
         batches = iter_extract(encoder, "/", keys, scales=settings.scales, max_size=settings.max_size,
-                               batch_size=settings.batch_size, workers=settings.workers, half=settings.half,
+                               batch_size=settings.batch_size, workers=settings.workers, precision=settings.precision,
                                progress=progress) if keys else ()
         for batch in batches:
             for position, reason in batch.failures:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from simret.models.precision import recorded_precision
 from simret.retrieval.index import Index, auto_kind
 from simret.retrieval.indexdir.assemble import Assembled
 from simret.retrieval.indexdir.layout import NewGeneration, link_file
@@ -133,7 +134,7 @@ def _whitening(generation: NewGeneration, assembled: Assembled, previous: Previo
             whitening = PCAWhitening.learn_streaming((block for _, block in store.blocks()), dim)
     else:
         whitening = learn_whitening_on(source, encoder, dim=dim, scales=settings.scales, max_size=settings.max_size,
-                                       batch_size=settings.batch_size, workers=settings.workers, half=settings.half,
+                                       batch_size=settings.batch_size, workers=settings.workers, precision=settings.precision,
                                        progress=progress)
     whitening.save(generation.path(WHITENING_FILE))
     return whitening, {**whitening.describe(), "learned_on": source}, False
@@ -324,4 +325,4 @@ def same_index_settings(meta: Dict[str, Any], settings: Any) -> bool:
         wanted["kind"] == "none" or (old.get("learned_on") == wanted["learned_on"]
                                      and (settings.whiten_dim is None or old.get("out_dim") == settings.whiten_dim)))
     same_budget = index.get("max_memory") == settings.max_memory and index.get("max_latency_ms") == settings.max_latency_ms
-    return same_index and same_whitening and same_budget and meta.get("half") == settings.half
+    return same_index and same_whitening and same_budget and recorded_precision(meta) == settings.precision

@@ -19,7 +19,7 @@ class IndexSettings:
     whiten: str = "none"  # "pca" or "none"
     whiten_on: Optional[str] = None  # images (folder / list) or a descriptors .h5; None: the indexed set
     whiten_dim: Optional[int] = None
-    half: bool = False  # mixed-precision extraction and float16 storage
+    precision: str = "fp32"  # fp32|bf16|fp16 (or auto) extraction; bf16/fp16 also store float16 descriptors
     batch_size: int = 16
     workers: Optional[int] = None
     checkpoint_every: int = 2048  # descriptors per resume checkpoint (also every two minutes)

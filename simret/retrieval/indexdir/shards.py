@@ -275,8 +275,10 @@ def _merge_settings(settings: Any, first: Dict[str, Any], opened: Sequence[Index
     """The sources' scales and size; their shared training when every shard was built --train-from it."""
     from dataclasses import replace
 
+    from simret.models.precision import recorded_precision
+
     settings = replace(settings, scales=tuple(first["scales"]), max_size=first["max_size"],
-                       half=bool(first.get("half")))
+                       precision=recorded_precision(first))
     origins = {str((s.meta["index"].get("trained_from") or {}).get("checksum")) for s in opened}
     trained = (first["index"].get("trained_from") or {}).get("path")
     if settings.train_from is None and len(origins) == 1 and trained and settings.kind == "auto":
