@@ -23,8 +23,10 @@ candidates); it skips the checksum check, which full reads (``StoreReader.blocks
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,11 +119,86 @@ def _check_rows(descriptors: np.ndarray, ids: Sequence[str]) -> np.ndarray:
 # ------------------------------------------------------------------------------------------- writing
 
 
+class _GuardedFile(io.RawIOBase):
+    """The file HDF5 writes a store through: the first failed write (disk full, I/O error) is kept and every
+    later write is dropped, so HDF5 never sees an error. (An HDF5 file whose flush failed stays half-open
+    inside the library, which prints errors while Python collects it and crashes the interpreter when it
+    exits.) ``StoreWriter.close`` raises the kept error once HDF5 has let go of the file."""
+
+    def __init__(self, path: Path, mode: str) -> None:
+        super().__init__()
+        self._file = open(path, mode)
+        self.error: Optional[OSError] = None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        return self._file.readinto(buffer)
+
+    def write(self, data: Any) -> int:
+        if self.error is None:
+            try:
+                return self._file.write(data)
+            except OSError as err:
+                self.error = err
+        return len(memoryview(data))
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def truncate(self, size: Optional[int] = None) -> int:
+        if self.error is None:
+            try:
+                return self._file.truncate(size)
+            except OSError as err:
+                self.error = err
+        return self.tell() if size is None else size
+
+    def flush(self) -> None:
+        if self.error is None and not self._file.closed:
+            try:
+                self._file.flush()
+            except OSError as err:
+                self.error = err
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self.flush()
+            try:
+                self._file.close()
+            except OSError as err:
+                self.error = self.error or err
+        super().close()
+
+
+def _open_for_writing(path: Path, mode: str) -> Tuple[Any, _GuardedFile]:
+    """``(h5py.File, its guarded file)`` for writing ``path`` (``mode`` "w" or "r+")."""
+    import h5py
+
+    guarded = _GuardedFile(path, "w+b" if mode == "w" else "r+b")
+    try:
+        return h5py.File(guarded, mode), guarded
+    except BaseException:
+        guarded.close()
+        raise
+
+
 class StoreWriter:
     """Write a store block by block: ``append(rows, ids, states)`` as often as needed, then ``close()``.
 
     The file at ``path`` is written in place (wrap it in ``atomic_path`` or a new index generation so an
     interrupted write is never seen). Memory use is the block passed in, whatever the store's size.
+    A write that fails (disk full …) raises ``OSError`` naming ``path``, at the latest from ``close()``.
     """
 
     def __init__(self, path: PathLike, dim: int, attrs: Mapping[str, Any], *, dtype: str = "float32") -> None:
@@ -137,7 +214,7 @@ class StoreWriter:
         self.count = 0
         self._ids_digest = hashlib.sha256()
         rows = chunk_rows(self.dim, self.dtype)
-        self._handle = h5py.File(self.path, "w")
+        self._handle, self._file = _open_for_writing(self.path, "w")
         try:
             checked = {"fletcher32": True, "maxshape": (None,)}
             self._handle.create_dataset("descriptors", shape=(0, self.dim), maxshape=(None, self.dim),
@@ -151,7 +228,7 @@ class StoreWriter:
             self._handle.create_dataset("digests", shape=(0,), chunks=(id_rows,), dtype=f"S{DIGEST_BYTES}", **checked)
             write_attrs(self._handle, {**attrs, "store_format": STORE_FORMAT})
         except BaseException:
-            self._handle.close()
+            self._release()
             raise
 
     def append(self, descriptors: np.ndarray, ids: Sequence[str], states: Optional[FileStates] = None) -> None:
@@ -186,11 +263,10 @@ class StoreWriter:
         Raises:
             StoreError: the file is not a resizable format-2 store.
         """
-        import h5py
 
         writer = cls.__new__(cls)
         writer.path = Path(path)
-        writer._handle = h5py.File(writer.path, "r+")
+        writer._handle, writer._file = _open_for_writing(writer.path, "r+")
         try:
             table = writer._handle["descriptors"]
             names = ("ids", *FILE_STATE_SETS)
@@ -202,7 +278,7 @@ class StoreWriter:
             for image_id in writer._handle["ids"].asstr()[()]:
                 writer._ids_digest.update(str(image_id).encode("utf-8") + b"\n")
         except BaseException:
-            writer._handle.close()
+            writer._release()
             raise
         return writer
 
@@ -210,18 +286,34 @@ class StoreWriter:
         write_attrs(self._handle, attrs)
 
     def close(self) -> None:
+        """Finish the file. Raises ``OSError`` naming the path if any write failed (the file is then unusable)."""
         if self._handle is not None:
             try:
                 self._handle["ids"].attrs[IDS_DIGEST] = self._ids_digest.hexdigest()
             finally:
+                self._release()
+        error, self._file.error = self._file.error, None
+        if error is not None:
+            raise OSError(error.errno, error.strerror or str(error), str(self.path)) from None
+
+    def _release(self) -> None:
+        """Close the HDF5 file and the file under it (errors are kept for ``close``)."""
+        try:
+            if self._handle is not None:
                 self._handle.close()
-                self._handle = None
+        finally:
+            self._handle = None
+            self._file.close()
 
     def __enter__(self) -> StoreWriter:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.close()
+        if exc[0] is None:
+            self.close()
+            return
+        with contextlib.suppress(Exception):  # already failing: the first error is the one to report
+            self.close()
 
 
 def write_store(path: PathLike, descriptors: np.ndarray, ids: Sequence[str], attrs: Mapping[str, Any], *,
@@ -292,11 +384,17 @@ class StoreReader:
             self.attrs = read_attrs_of(self._handle)
             for name in ("descriptors", "ids"):
                 if name not in self._handle:
-                    raise StoreError(f"{self.path} has no {name!r} dataset (datasets: {', '.join(self._handle)})")
+                    raise StoreError(f"{self.path} has no {name!r} dataset (datasets: "
+                                     f"{', '.join(_text(n) for n in self._handle)})")
             self._table = self._handle["descriptors"]
             if self._table.ndim != 2 or self._handle["ids"].shape != (self._table.shape[0],):
                 raise StoreError(f"{self.path}: descriptors {self._table.shape} and ids "
                                  f"{self._handle['ids'].shape} do not match")
+        except (OSError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
+            self._handle.close()
+            if isinstance(err, StoreError):
+                raise
+            raise StoreError(f"{self.path} is damaged: its HDF5 structure cannot be read ({_first_line(err)})") from None
         except BaseException:
             self._handle.close()
             raise
@@ -423,7 +521,7 @@ class StoreReader:
     def _guarded(self, read, name: str, span: Tuple[int, int]):
         try:
             return read()
-        except OSError as err:
+        except (OSError, UnicodeDecodeError) as err:  # a damaged chunk, or damaged bytes of an id
             raise StoreDamagedError(f"{self.path} is damaged: dataset {name!r} fails its checksum or cannot be read "
                                     f"(rows {span[0]}-{span[1] - 1}: {_first_line(err)})", [span]) from None
 
@@ -531,6 +629,11 @@ def _merge_ranges(ranges: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
         else:
             merged.append((first, last))
     return merged
+
+
+def _text(name: Any) -> str:
+    """A name h5py returns (``bytes`` when damaged bytes are not UTF-8) as text for messages."""
+    return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
 
 
 def _first_line(err: BaseException) -> str:
