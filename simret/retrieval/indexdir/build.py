@@ -179,6 +179,10 @@ def build_from_store(out: PathLike, settings: Optional[IndexSettings] = None, *,
                 settings = replace(settings, scales=tuple(rows.attrs.get("scales", [1.0])),
                                    max_size=rows.attrs.get("max_size") or None,
                                    half=rows.store.dtype == np.float16)
+            if not rows.usable.any():
+                shown = out / STORE if source is None else Path(source)
+                raise ValueError(f"{shown} holds no usable descriptor ({len(rows.ids)} rows, all damaged or none): "
+                                 f"describe the images again with your simret index command")
             plan = Plan(rows.root or Path(), [], rows.states.take(np.flatnonzero(rows.usable)), len(rows.ids),
                         lost=int((~rows.usable).sum()))
             for row in np.flatnonzero(rows.usable).tolist():
@@ -240,8 +244,8 @@ def _check_replacement(previous: Previous, rows: Previous, out: Path) -> None:
         return
     if recorded.get("fingerprint") != rows.attrs.get("fingerprint") or (previous.root and previous.root != rows.root):
         raise ValueError(f"{out} holds an index of {previous.root} by encoder {recorded.get('fingerprint')}; the "
-                         f"store holds {rows.root} by {rows.attrs.get('fingerprint')}: pass --overwrite to replace it, "
-                         f"or choose another --out")
+                         f"store holds {rows.root} by {rows.attrs.get('fingerprint')}: choose another --out, or pass "
+                         f"--overwrite to replace it (its {_held(previous)} leave it)")
 
 
 # -------------------------------------------------------------------------------------------- stages
@@ -284,17 +288,29 @@ def _check_previous(previous: Previous, encoder: Any, settings: IndexSettings, r
         problems.append(f"scales {recorded.get('scales')} (this run: {list(settings.scales)})")
     if (recorded.get("max_size") or None) != settings.max_size:
         problems.append(f"max_size {recorded.get('max_size')} (this run: {settings.max_size})")
+    held = _held(previous)
+    if problems and append:
+        raise ValueError(f"{out} holds an index built with {'; '.join(problems)}: --append describes the new images "
+                         f"as the index's were (leave out --model, --weights, --scales and --max-size: they follow "
+                         f"the index), or choose another --out (--overwrite would replace the index and drop its "
+                         f"{held})")
     if problems:
-        raise ValueError(f"{out} holds an index built with {'; '.join(problems)}: pass --overwrite to replace it, "
-                         f"or choose another --out")
+        raise ValueError(f"{out} holds an index built with {'; '.join(problems)}: choose another --out, or pass "
+                         f"--overwrite to replace it (its {held} leave it)")
     if not append and previous.root is not None and previous.root != root:
         raise ValueError(f"{out} holds an index of {previous.root}, not of {root}: pass --append to add these images "
-                         f"to it, --overwrite to replace it, or choose another --out")
+                         f"to it, choose another --out, or pass --overwrite to replace it (its {held} leave it)")
     if append and previous.meta and (settings.whiten != previous.meta["whitening"].get("kind", "none")
                                      or settings.kind != "auto"):
         log.info("--append keeps the existing %s index and its whitening (%s)", previous.meta["index"]["kind"],
                  previous.meta["whitening"].get("kind", "none"))
     return append
+
+
+def _held(previous: Previous) -> str:
+    """``"N images"`` an index holds, for messages about replacing it."""
+    count = (previous.meta or {}).get("count", len(previous.ids))
+    return f"{count} image{'s' if count != 1 else ''}"
 
 
 def _log_plan(plan: Plan, previous: Previous, append: bool) -> None:

@@ -16,7 +16,7 @@ from typing import List, Union
 
 import numpy as np
 
-from simret.retrieval.indexdir.layout import current
+from simret.retrieval.indexdir.layout import current, is_dangling
 from simret.retrieval.indexdir.names import GENERATIONS, INDEX_FILE, PARTIAL, STORE_ONLY, WHITENING_FILE
 from simret.retrieval.indexdir.plan import path_key
 from simret.retrieval.indexdir.previous import Previous, load_previous
@@ -142,8 +142,8 @@ def _check_images(report: CheckReport, previous: Previous, verify_content: bool)
 def _leftovers(report: CheckReport, out: Path) -> None:
     committed = current(out)
     folder = out / GENERATIONS
-    others = [p.name for p in folder.iterdir() if p.resolve() != committed.directory.resolve()] \
-        if folder.is_dir() else []
+    others = [p.name for p in folder.iterdir() if p.resolve() != committed.directory.resolve()
+              and not (is_dangling(committed) and not p.name.startswith("."))] if folder.is_dir() else []
     temporaries = [p.name for p in out.glob(".*.tmp")]
     if others or temporaries:
         report.notes.append(f"left by an interrupted write, removed by the next one: {', '.join(others + temporaries)}")

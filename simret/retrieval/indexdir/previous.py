@@ -13,9 +13,18 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from simret.retrieval.indexdir.layout import Generation, current
+from simret.retrieval.indexdir.layout import Generation, current, is_dangling, newest_complete
 from simret.retrieval.indexdir.meta import IndexDamagedError, file_record, read_meta_file
-from simret.retrieval.indexdir.names import INDEX_FILE, META, SKIPPED, STORE, STORE_ONLY, WHITENING_FILE
+from simret.retrieval.indexdir.names import (
+    CURRENT,
+    GENERATIONS,
+    INDEX_FILE,
+    META,
+    SKIPPED,
+    STORE,
+    STORE_ONLY,
+    WHITENING_FILE,
+)
 from simret.retrieval.store import StoreError, StoreReader
 from simret.utils.filestate import ChecksumError, FileStates, verify_checksum
 from simret.utils.logs import get_logger
@@ -70,9 +79,22 @@ def load_previous(out: Path, *, quiet: bool = False) -> Previous:
         ValueError: ``out`` holds something that is not a simret index, or one written by a newer simret.
     """
     generation = current(out)
-    previous = Previous(generation)
-    if generation is None:
-        return previous
+    problems = []
+    if is_dangling(generation):
+        missing, generation = generation.name, newest_complete(out)
+        problems.append(f"{out / CURRENT} names {GENERATIONS}/{missing}, which does not exist"
+                        + (f" ({GENERATIONS}/{generation.name}, the newest complete generation, is used)"
+                           if generation is not None else ""))
+    previous = Previous(generation, problems=problems)
+    if generation is not None:
+        _assess(previous, generation, out)
+    for problem in () if quiet else previous.problems:
+        log.warning("%s: repairing it", problem)
+    return previous
+
+
+def _assess(previous: Previous, generation: Generation, out: Path) -> None:
+    """Read the generation's meta.json and open its store, noting every problem found."""
     try:
         previous.meta = read_meta_file(generation.file(META), generation.shown(META), out)
     except IndexDamagedError as err:
@@ -84,9 +106,6 @@ def load_previous(out: Path, *, quiet: bool = False) -> Previous:
         _check_consistency(previous)
     if previous.meta is not None:
         _check_derived(previous, generation)
-    for problem in () if quiet else previous.problems:
-        log.warning("%s: repairing it", problem)
-    return previous
 
 
 def _open_store(previous: Previous, generation: Generation) -> None:
@@ -128,7 +147,8 @@ def _check_consistency(previous: Previous) -> None:
     if previous.store is None:
         return
     expected = meta.get("store_generation", meta.get("generation"))
-    if previous.attrs.get("generation") != expected or meta.get("count") != previous.store.count:
+    if previous.attrs.get("generation") != expected or meta.get("count") != previous.store.count \
+            or previous.attrs.get("fingerprint") != meta.get("fingerprint"):
         previous.problems.append(f"{generation.shown(META)} and {generation.shown(STORE)} come from different runs "
                                  f"(an interrupted write of an older simret?)")
         previous.meta = None

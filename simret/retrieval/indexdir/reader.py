@@ -18,10 +18,24 @@ from typing import Any, BinaryIO, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from simret.retrieval.index import DEFAULT_RERANK, Index
-from simret.retrieval.indexdir.layout import Generation, current, current_generation
-from simret.retrieval.indexdir.meta import IndexDamagedError, file_record, read_meta_file, repair_hint
-from simret.retrieval.indexdir.names import INDEX_FILE, META, STORE, STORE_ONLY, WHITENING_FILE
-from simret.retrieval.store import RowAccess, StoreReader, check_fingerprint
+from simret.retrieval.indexdir.layout import Generation, current, current_generation, is_dangling
+from simret.retrieval.indexdir.meta import (
+    IndexDamagedError,
+    file_record,
+    read_meta_file,
+    repair_hint,
+    store_repair_hint,
+)
+from simret.retrieval.indexdir.names import (
+    CURRENT,
+    GENERATIONS,
+    INDEX_FILE,
+    META,
+    STORE,
+    STORE_ONLY,
+    WHITENING_FILE,
+)
+from simret.retrieval.store import RowAccess, StoreError, StoreReader, check_fingerprint
 from simret.retrieval.whitening import PCAWhitening, l2_normalize
 from simret.utils.filestate import bytes_checksum, damaged, stream_checksum
 from simret.utils.logs import get_logger
@@ -58,9 +72,13 @@ class IndexDir:
                 break
             except FileNotFoundError:
                 self.close()
-                if attempt + 1 == OPEN_ATTEMPTS or current_generation(self.path) == generation.name:
-                    raise
-                time.sleep(0.01 * (attempt + 1))  # a newer generation was committed meanwhile: open that one
+                if attempt + 1 < OPEN_ATTEMPTS and current_generation(self.path) != generation.name:
+                    time.sleep(0.01 * (attempt + 1))  # a newer generation was committed meanwhile: open that one
+                    continue
+                if is_dangling(generation):
+                    raise IndexDamagedError(f"{self.path / CURRENT} names {GENERATIONS}/{generation.name}, which does "
+                                            f"not exist", self.path) from None
+                raise IndexDamagedError(f"{generation.shown(META)} is missing", self.path) from None
 
     def _open(self, generation: Generation) -> None:
         self.generation_dir = generation
@@ -72,7 +90,10 @@ class IndexDir:
                 if generation.name and not generation.directory.is_dir():
                     raise FileNotFoundError(generation.directory)  # removed by a newer commit: resolve again
                 raise IndexDamagedError(f"{generation.shown(name)} is missing", self.path)
-        self._store = StoreReader(generation.file(STORE))
+        try:
+            self._store = StoreReader(generation.file(STORE))
+        except StoreError as err:
+            raise self._store_damaged(err) from None
         expected = self.meta.get("store_generation", self.meta.get("generation"))
         if self._store.attrs.get("generation") != expected:
             raise ValueError(f"{self.path}: {STORE} and {META} come from different runs (an interrupted write of an "
@@ -138,7 +159,18 @@ class IndexDir:
 
     @property
     def ids(self) -> List[str]:
-        return self._store.ids
+        try:
+            return self._store.ids
+        except StoreError as err:
+            raise self._store_damaged(err) from None
+
+    def _store_damaged(self, err: StoreError) -> IndexDamagedError:
+        """A damaged store as one error naming the public file and its repair."""
+        shown = self.generation_dir.shown(STORE)
+        detail = str(err).replace(str(self.generation_dir.file(STORE)), "").strip(" :")
+        for prefix in ("is damaged:", "is "):
+            detail = detail[len(prefix):].strip() if detail.startswith(prefix) else detail
+        return IndexDamagedError(f"{shown} is damaged ({detail})", self.path, store_repair_hint(self.path))
 
     @property
     def whitening(self) -> Optional[PCAWhitening]:
@@ -152,6 +184,12 @@ class IndexDir:
     def database_vectors(self, rows: Optional[Sequence[int]] = None) -> np.ndarray:
         """Database descriptors in the index's space, exact (read from the store, checksums verified), all
         or ``rows``."""
+        try:
+            return self._database_vectors(rows)
+        except StoreError as err:
+            raise self._store_damaged(err) from None
+
+    def _database_vectors(self, rows: Optional[Sequence[int]]) -> np.ndarray:
         if rows is not None:
             return self.prepare(self._store.rows(rows))
         out = None
