@@ -446,19 +446,39 @@ class StoreReader:
     def has_file_states(self) -> bool:
         return all(name in self._handle for name in FILE_STATE_SETS)
 
-    def file_states(self) -> FileStates:
-        """The image files' states recorded with the rows (``FileStates.unknown`` for older stores)."""
+    def file_states(self, *, tolerate_damage: bool = False) -> FileStates:
+        """The image files' states recorded with the rows (``FileStates.unknown`` for older stores);
+        ``tolerate_damage``: rows whose state chunks fail their checksums get unknown states instead of an error.
+
+        Raises:
+            StoreDamagedError: a state chunk fails its checksum (unless ``tolerate_damage``).
+        """
+        if not self.has_file_states:
+            return FileStates.unknown(self.count)
+        if tolerate_damage:
+            damaged = self.damaged_rows(FILE_STATE_SETS)
+            if damaged:
+                return self._states_around(damaged)
         if self._states is None:
-            if not self.has_file_states:
-                self._states = FileStates.unknown(self.count)
-            else:
-                span = (0, self.count)
-                sizes = self._guarded(lambda: self._handle["sizes"][()], "sizes", span)
-                mtimes = self._guarded(lambda: self._handle["mtimes"][()], "mtimes", span)
-                digests = self._guarded(lambda: self._handle["digests"][()], "digests", span)
-                self._states = FileStates(np.asarray(sizes, np.int64), np.asarray(mtimes, np.int64),
-                                          [d.decode("ascii") for d in digests.tolist()])
+            span = (0, self.count)
+            sizes = self._guarded(lambda: self._handle["sizes"][()], "sizes", span)
+            mtimes = self._guarded(lambda: self._handle["mtimes"][()], "mtimes", span)
+            digests = self._guarded(lambda: self._handle["digests"][()], "digests", span)
+            self._states = FileStates(np.asarray(sizes, np.int64), np.asarray(mtimes, np.int64),
+                                      [d.decode("ascii", "replace") for d in digests.tolist()])
         return self._states
+
+    def _states_around(self, damaged: List[Tuple[int, int]]) -> FileStates:
+        """The recorded states, unknown for the ``damaged`` row ranges (read around them)."""
+        states = FileStates.unknown(self.count)
+        rows = np.ones(self.count, bool)
+        for first, last in damaged:
+            rows[first:last] = False
+        for first, last in _true_runs(rows):
+            states.sizes[first:last] = self._handle["sizes"][first:last]
+            states.mtimes[first:last] = self._handle["mtimes"][first:last]
+            states.digests[first:last] = [d.decode("ascii", "replace") for d in self._handle["digests"][first:last]]
+        return states
 
     def blocks(self, rows_per_block: Optional[int] = None, start: int = 0,
                stop: Optional[int] = None) -> Iterator[Tuple[int, np.ndarray]]:
@@ -494,26 +514,18 @@ class StoreReader:
         """Fast random access to rows straight from the file (no checksum check); see ``open_descriptors``."""
         return RowAccess(self.path)
 
-    def damaged_rows(self) -> List[Tuple[int, int]]:
-        """Read every dataset chunk by chunk; the ``(start, stop)`` row ranges whose checksums fail."""
+    def damaged_rows(self, datasets: Optional[Sequence[str]] = None) -> List[Tuple[int, int]]:
+        """Read ``datasets`` (default: all of them — ids, descriptors, file states) chunk by chunk; the
+        ``(start, stop)`` row ranges whose checksums fail."""
+        names = ("ids", "descriptors", *FILE_STATE_SETS) if datasets is None else tuple(datasets)
         damaged: List[Tuple[int, int]] = []
-        try:
-            _ = self.ids  # reading them checks their checksum
-        except StoreDamagedError as err:
-            damaged.extend(err.rows)
-        sets = [name for name in ("descriptors", *FILE_STATE_SETS) if name in self._handle]
-        for name in sets:
-            dataset = self._handle[name]
-            step = dataset.chunks[0] if dataset.chunks else max(1, dataset.shape[0])
-            coarse = step * 64
-            for first in range(0, dataset.shape[0], coarse):
-                last = min(dataset.shape[0], first + coarse)
-                if _readable(dataset, first, last):
-                    continue
-                for a in range(first, last, step):  # locate the bad chunks
-                    b = min(last, a + step)
-                    if not _readable(dataset, a, b):
-                        damaged.append((a, b))
+        if "ids" in names:
+            try:
+                _ = self.ids  # reading them checks their checksum
+            except StoreDamagedError as err:
+                damaged.extend(err.rows)
+        for name in [n for n in names if n != "ids" and n in self._handle]:
+            damaged.extend(_damaged_chunks(self._handle[name]))
         return _merge_ranges(damaged)
 
     # housekeeping
@@ -611,6 +623,28 @@ def _ids_digest(ids: Sequence[str]) -> str:
     for image_id in ids:
         digest.update(image_id.encode("utf-8") + b"\n")
     return digest.hexdigest()
+
+
+def _damaged_chunks(dataset: Any) -> List[Tuple[int, int]]:
+    """The ``(start, stop)`` row ranges of ``dataset`` whose chunks cannot be read (checksums fail)."""
+    damaged: List[Tuple[int, int]] = []
+    step = dataset.chunks[0] if dataset.chunks else max(1, dataset.shape[0])
+    coarse = step * 64
+    for first in range(0, dataset.shape[0], coarse):
+        last = min(dataset.shape[0], first + coarse)
+        if _readable(dataset, first, last):
+            continue
+        for a in range(first, last, step):  # locate the bad chunks
+            b = min(last, a + step)
+            if not _readable(dataset, a, b):
+                damaged.append((a, b))
+    return damaged
+
+
+def _true_runs(mask: np.ndarray) -> List[Tuple[int, int]]:
+    """``(start, stop)`` of every run of True in a boolean vector."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], mask, [False]]).astype(np.int8)))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
 
 
 def _readable(dataset: Any, first: int, last: int) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from simret.retrieval.indexdir.names import (
     STORE_ONLY,
     WHITENING_FILE,
 )
-from simret.retrieval.store import StoreError, StoreReader
+from simret.retrieval.store import FILE_STATE_SETS, StoreError, StoreReader
 from simret.utils.filestate import ChecksumError, FileStates, verify_checksum
 from simret.utils.logs import get_logger
 from simret.utils.skipped import read_skipped
@@ -42,11 +42,20 @@ class Previous:
     store: Optional[StoreReader] = None  # open; None: absent or unreadable
     ids: List[str] = field(default_factory=list)
     states: FileStates = field(default_factory=lambda: FileStates.unknown(0))
-    usable: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # rows whose checksums hold
+    usable: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # rows whose descriptors are intact
+    states_ok: Optional[np.ndarray] = None  # rows whose recorded file states are intact (None: all)
     skipped: Dict[str, str] = field(default_factory=dict)
     problems: List[str] = field(default_factory=list)  # damage found (each forces a new generation)
     index_ok: bool = False  # index.faiss present and matching its checksum
     whitening_ok: bool = False
+
+    def trusted(self, row: int) -> bool:
+        """Whether stored row ``row`` can be reused for an unchanged image: descriptor and file state intact."""
+        return bool(self.usable[row]) and (self.states_ok is None or bool(self.states_ok[row]))
+
+    @property
+    def states_intact(self) -> bool:
+        return self.states_ok is None or bool(self.states_ok.all())
 
     @property
     def exists(self) -> bool:
@@ -119,27 +128,37 @@ def _open_store(previous: Previous, generation: Generation) -> None:
     except StoreError as err:
         previous.problems.append(f"{generation.shown(STORE)} is unreadable ({err})")
         return
-    previous.store = store
-    damaged = store.damaged_rows()
-    usable = np.ones(store.count, bool)
-    for first, last in damaged:
-        usable[first:last] = False
-    if damaged:
-        shown = ", ".join(f"{a}-{b - 1}" for a, b in damaged[:5])
-        previous.problems.append(f"{generation.shown(STORE)} is damaged (rows {shown} fail their checksums; "
-                                 f"they are described again)")
     try:
         previous.ids = store.ids
-    except StoreError:
-        previous.problems.append(f"{generation.shown(STORE)}: its ids are damaged")
-        previous.store = None
+    except StoreError as err:
+        previous.problems.append(f"{generation.shown(STORE)}: its ids are damaged ({err}; every entry is described "
+                                 f"again)")
         store.close()
         return
-    try:
-        previous.states = store.file_states()
-    except StoreError:
-        previous.states = FileStates.unknown(store.count)
-    previous.usable = usable
+    previous.store = store
+    lost = store.damaged_rows(("descriptors",))
+    previous.usable = _intact(store.count, lost)
+    if lost:
+        previous.problems.append(f"{generation.shown(STORE)} is damaged (rows {_shown(lost)} fail their checksums; "
+                                 f"they are described again)")
+    unknown = store.damaged_rows(FILE_STATE_SETS) if store.has_file_states else []
+    previous.states_ok = _intact(store.count, unknown)
+    if unknown:
+        previous.problems.append(f"{generation.shown(STORE)} is damaged (the file states of rows {_shown(unknown)} fail "
+                                 f"their checksums; their descriptors are intact, their images are described again "
+                                 f"when listed)")
+    previous.states = store.file_states(tolerate_damage=True)
+
+
+def _intact(count: int, damaged: List[Tuple[int, int]]) -> np.ndarray:
+    rows = np.ones(count, bool)
+    for first, last in damaged:
+        rows[first:last] = False
+    return rows
+
+
+def _shown(ranges: List[Tuple[int, int]]) -> str:
+    return ", ".join(f"{a}-{b - 1}" for a, b in ranges[:5]) + (" …" if len(ranges) > 5 else "")
 
 
 def _check_consistency(previous: Previous) -> None:

@@ -89,13 +89,14 @@ class IndexDir:
             if not generation.file(name).is_file():
                 if generation.name and not generation.directory.is_dir():
                     raise FileNotFoundError(generation.directory)  # removed by a newer commit: resolve again
-                raise IndexDamagedError(f"{generation.shown(name)} is missing", self.path)
+                raise IndexDamagedError(f"{generation.shown(name)} is missing", self.path,
+                                        store_repair_hint(self.path) if name == STORE else None)
         try:
             self._store = StoreReader(generation.file(STORE))
         except StoreError as err:
             raise self._store_damaged(err) from None
         expected = self.meta.get("store_generation", self.meta.get("generation"))
-        if self._store.attrs.get("generation") != expected:
+        if self._store.attrs.get("generation") != expected or self._store.fingerprint != self.meta["fingerprint"]:
             raise ValueError(f"{self.path}: {STORE} and {META} come from different runs (an interrupted write of an "
                              f"older simret?): {repair_hint(self.path)}")
         if self.searchable:
