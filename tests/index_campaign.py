@@ -1,6 +1,8 @@
 """Shared pieces of the index fault campaign (tests/test_index_*.py): tiny image folders, CLI runs, byte flips,
 and child processes forked from the test process (torch and simret already imported, so a child starts in
-milliseconds; it is still a real process: its own locks, signals, exit status and crashes)."""
+milliseconds; it is still a real process: its own locks, signals, exit status and crashes). Forking after
+torch has run is safe here because tests/conftest.py keeps torch to one thread (OMP_NUM_THREADS=1): a forked
+child would otherwise wait forever on the parent's thread pool."""
 from __future__ import annotations
 
 import json
@@ -8,6 +10,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -152,16 +155,28 @@ def start(target: Callable[..., None], *args: object) -> multiprocessing.Process
 
 
 def _child(target: Callable[..., None], args: Sequence[object]) -> None:
+    sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__  # not pytest's capture buffers
+    code = 0
     try:
         target(*args)
     except SystemExit as done:
-        os._exit(done.code if isinstance(done.code, int) else 1)
+        code = done.code if isinstance(done.code, int) else 1
     except BaseException:  # noqa: BLE001 - reported through the exit status and the stderr file
         import traceback
 
         traceback.print_exc()
-        os._exit(1)
-    os._exit(0)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
+def open_hdf5_files() -> int:
+    """HDF5 files the library still holds open in this process (a write that failed badly leaves one, which
+    HDF5 then tries to flush when the process exits, and crashed doing so)."""
+    import h5py
+
+    return h5py.h5f.get_obj_count(h5py.h5f.OBJ_ALL, h5py.h5f.OBJ_FILE)
 
 
 def simret_main(args: Sequence[str], stderr: Optional[Path] = None) -> None:
@@ -169,10 +184,18 @@ def simret_main(args: Sequence[str], stderr: Optional[Path] = None) -> None:
     from simret.cli import main
 
     if stderr is not None:
-        handle = os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        os.dup2(handle, 2)
-        os.dup2(handle, 1)
+        log_to(stderr)
     main([str(a) for a in args])
+
+
+def log_to(path: Path) -> None:
+    """In a child: stdout and stderr (the file descriptors and Python's streams, which pytest replaced) go to
+    ``path``, line by line."""
+    handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(handle, 1)
+    os.dup2(handle, 2)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - lives as long as the child
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
 
 
 def wait_for(condition: Callable[[], bool], what: str, process: Optional[multiprocessing.Process] = None,
@@ -196,36 +219,41 @@ def finish(process: multiprocessing.Process) -> int:
     return process.exitcode
 
 
-def pause_at(module: object, name: str, when: Callable[..., bool], marker: Path, *, before: bool = True) -> None:
-    """In a child: make ``module.name(*args)`` touch ``marker`` and wait (to be signalled) when ``when(*args)``
-    holds, before or after doing its work."""
+def pause_at(module: object, name: str, when: Callable[..., bool], marker: Path, go: Path) -> None:
+    """In a child: when ``when(*args)`` holds, ``module.name(*args)`` first touches ``marker``, then waits until
+    ``go`` exists (the test signals the child meanwhile), then does its work."""
     real = getattr(module, name)
 
     def paused(*args, **kwargs):
-        if before and when(*args):
+        if when(*args):
             marker.touch()
-            time.sleep(DEADLINE_S)
-        done = real(*args, **kwargs)
-        if not before and when(*args):
-            marker.touch()
-            time.sleep(DEADLINE_S)
-        return done
+            wait_for(go.exists, f"the test to let {name} go on")
+        return real(*args, **kwargs)
 
     setattr(module, name, paused)
 
 
-def die_at_call(k: int, operations: Sequence[str] = ("rename", "replace", "symlink"),
-                counter: Optional[object] = None) -> None:
-    """In a child: SIGKILL itself at the ``k``-th call of any of ``os.<operations>`` (before it acts);
-    ``counter`` (a shared ``multiprocessing.Value``) learns how many calls were made."""
+def trace_calls(log: Path, operations: Sequence[str] = ("rename", "replace", "symlink")) -> None:
+    """In a child: append ``name target`` to ``log`` for every call of ``os.<operations>``."""
+    for name in operations:
+        real = getattr(os, name)
+
+        def traced(*args, _real=real, _name=name, **kwargs):
+            with open(log, "a") as handle:
+                handle.write(f"{_name} {os.fspath(args[1])}\n")
+            return _real(*args, **kwargs)
+
+        setattr(os, name, traced)
+
+
+def die_at_call(k: int, operations: Sequence[str] = ("rename", "replace", "symlink")) -> None:
+    """In a child: SIGKILL itself at the ``k``-th call of any of ``os.<operations>``, before it acts."""
     calls = [0]
     for name in operations:
         real = getattr(os, name)
 
         def counted(*args, _real=real, **kwargs):
             calls[0] += 1
-            if counter is not None:
-                counter.value = calls[0]
             if calls[0] == k:
                 os.kill(os.getpid(), signal.SIGKILL)
             return _real(*args, **kwargs)

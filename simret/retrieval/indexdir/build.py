@@ -379,8 +379,9 @@ def _commit_generation(out: Path, plan: Plan, kept: List[int], failed: List[Tupl
     except (StoreError, FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise
     except OSError as err:  # disk full, no permission, I/O error
-        raise write_failure(target, err, f"the previous index in {out} is intact; run the same command again once "
-                                         f"the problem is fixed (the descriptors computed are kept)") from None
+        raise write_failure(Path(err.filename) if err.filename else target, err,
+                            f"the previous index in {out} is intact; run the same command again once the problem "
+                            f"is fixed (the descriptors computed are kept)") from None
     return BuildSummary(out, len(kept), computed, max(0, len(kept) - computed), len(failed),
                         searchable.index_meta["kind"], int(searchable.index_meta["dim"]), failures=failed,
                         redescribed=sum(plan.entries[i].redescribe for i in kept), removed=len(plan.removed),

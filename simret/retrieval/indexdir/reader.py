@@ -70,11 +70,16 @@ class IndexDir:
             try:
                 self._open(generation)
                 break
-            except FileNotFoundError:
+            except (FileNotFoundError, ValueError) as err:  # IndexDamagedError and StoreError are ValueErrors
                 self.close()
-                if attempt + 1 < OPEN_ATTEMPTS and current_generation(self.path) != generation.name:
-                    time.sleep(0.01 * (attempt + 1))  # a newer generation was committed meanwhile: open that one
+                if generation.name and current_generation(self.path) != generation.name \
+                        and attempt + 1 < OPEN_ATTEMPTS:
+                    # a newer generation was committed meanwhile, and this one is being removed (its files go
+                    # one by one): what looked missing or damaged is that removal; open the new one
+                    time.sleep(0.01 * (attempt + 1))
                     continue
+                if not isinstance(err, FileNotFoundError):
+                    raise
                 if is_dangling(generation):
                     raise IndexDamagedError(f"{self.path / CURRENT} names {GENERATIONS}/{generation.name}, which does "
                                             f"not exist", self.path) from None
@@ -87,8 +92,6 @@ class IndexDir:
         needed = (STORE,) + ((INDEX_FILE,) if self.searchable else ())
         for name in needed + ((WHITENING_FILE,) if self.meta["whitening"].get("kind") == "pca" else ()):
             if not generation.file(name).is_file():
-                if generation.name and not generation.directory.is_dir():
-                    raise FileNotFoundError(generation.directory)  # removed by a newer commit: resolve again
                 raise IndexDamagedError(f"{generation.shown(name)} is missing", self.path,
                                         store_repair_hint(self.path) if name == STORE else None)
         try:

@@ -90,7 +90,7 @@ def _whitening(generation: NewGeneration, assembled: Assembled, previous: Previo
         whitening = learn_whitening_on(source, encoder, dim=dim, scales=settings.scales, max_size=settings.max_size,
                                        batch_size=settings.batch_size, workers=settings.workers, half=settings.half,
                                        progress=progress)
-    whitening.save(generation.path(WHITENING_FILE))
+    _saving(generation.path(WHITENING_FILE), whitening.save)
     return whitening, {**whitening.describe(), "learned_on": source}, False
 
 
@@ -118,7 +118,7 @@ def _index(generation: NewGeneration, assembled: Assembled, previous: Previous, 
         index = Index.load(previous.generation.file(INDEX_FILE))
         if index.ntotal == assembled.first_new_row:
             _fill(index, store_path, prepare, start=assembled.first_new_row)
-            index.save(target)
+            _saving(target, index.save)
             return index, False
         log.warning("%s holds %d vectors, the store %d rows: rebuilding it", previous.generation.shown(INDEX_FILE),
                     index.ntotal, assembled.first_new_row)
@@ -127,7 +127,7 @@ def _index(generation: NewGeneration, assembled: Assembled, previous: Previous, 
     else:
         kind, params = settings.kind, dict(settings.index_params)
     index = stream_build(store_path, prepare, kind, params)
-    index.save(target)
+    _saving(target, index.save)
     return index, False
 
 
@@ -156,6 +156,14 @@ def _fill(index: Index, store_path: Path, prepare: Callable[[np.ndarray], np.nda
 
 
 # ----------------------------------------------------------------------------------------------- shared
+
+
+def _saving(path: Path, save: Callable[[Path], Any]) -> None:
+    """``save(path)``; a failure (disk full …) names ``path`` (``OSError.filename``) for the one error line."""
+    try:
+        save(path)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
 
 
 def same_index_settings(meta: Dict[str, Any], settings: Any) -> bool:
