@@ -164,6 +164,8 @@ META_DAMAGE = {
     "max_size a string": (_edited(max_size="big"), "missing or malformed: max_size"),
     "another fingerprint": (_edited(fingerprint="other-encoder"), "come from different runs"),
     "another count": (_edited(count=3), "come from different runs"),
+    "another root": (_edited(root="/elsewhere"), "come from different runs"),
+    "other scales": (_edited(scales=[1.5]), "come from different runs"),  # queries would be described wrongly
 }
 
 

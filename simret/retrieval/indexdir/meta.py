@@ -142,6 +142,21 @@ def read_meta_file(path: Path, shown: PathLike, out: PathLike) -> Dict[str, Any]
     return parse_meta(text, shown, out, in_generation=folder.parent.name == GENERATIONS or folder.name == CURRENT)
 
 
+def disagreements(meta: Dict[str, Any], attrs: Dict[str, Any], count: int) -> List[str]:
+    """What meta.json records differently from its generation's store (``attrs``, ``count`` rows): the
+    generation, the row count, the encoder, the root, the scales or the size (any of them: not one run)."""
+    def scales(values: Any) -> List[float]:
+        return [float(v) for v in values]
+
+    expected = meta.get("store_generation", meta.get("generation"))
+    found = {"generation": attrs.get("generation"), "count": count, "fingerprint": attrs.get("fingerprint"),
+             "root": attrs.get("root", meta["root"]), "scales": scales(attrs.get("scales", meta["scales"])),
+             "max_size": attrs.get("max_size", meta["max_size"]) or None}
+    recorded = {"generation": expected, "count": meta["count"], "fingerprint": meta["fingerprint"],
+                "root": meta["root"], "scales": scales(meta["scales"]), "max_size": meta["max_size"] or None}
+    return [key for key in recorded if found[key] != recorded[key]]
+
+
 def file_record(meta: Dict[str, Any], key: str) -> Dict[str, Any]:
     """``{"name", "bytes", "checksum"}`` of one file of the generation (format 1: the name alone)."""
     entry = (meta.get("files") or {}).get(key)

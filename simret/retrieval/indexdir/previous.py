@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from simret.retrieval.indexdir.layout import Generation, current, is_dangling, newest_complete
-from simret.retrieval.indexdir.meta import IndexDamagedError, file_record, read_meta_file
+from simret.retrieval.indexdir.meta import IndexDamagedError, disagreements, file_record, read_meta_file
 from simret.retrieval.indexdir.names import (
     CURRENT,
     GENERATIONS,
@@ -147,7 +147,7 @@ def _open_store(previous: Previous, generation: Generation) -> None:
         previous.problems.append(f"{generation.shown(STORE)} is damaged (the file states of rows {_shown(unknown)} fail "
                                  f"their checksums; their descriptors are intact, their images are described again "
                                  f"when listed)")
-    previous.states = store.file_states(tolerate_damage=True)
+    previous.states = store.file_states(tolerate_damage=bool(unknown))
 
 
 def _intact(count: int, damaged: List[Tuple[int, int]]) -> np.ndarray:
@@ -165,9 +165,7 @@ def _check_consistency(previous: Previous) -> None:
     meta, generation = previous.meta, previous.generation
     if previous.store is None:
         return
-    expected = meta.get("store_generation", meta.get("generation"))
-    if previous.attrs.get("generation") != expected or meta.get("count") != previous.store.count \
-            or previous.attrs.get("fingerprint") != meta.get("fingerprint"):
+    if disagreements(meta, previous.attrs, previous.store.count):
         previous.problems.append(f"{generation.shown(META)} and {generation.shown(STORE)} come from different runs "
                                  f"(an interrupted write of an older simret?)")
         previous.meta = None

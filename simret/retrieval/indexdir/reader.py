@@ -21,6 +21,7 @@ from simret.retrieval.index import DEFAULT_RERANK, Index
 from simret.retrieval.indexdir.layout import Generation, current, current_generation, is_dangling
 from simret.retrieval.indexdir.meta import (
     IndexDamagedError,
+    disagreements,
     file_record,
     read_meta_file,
     repair_hint,
@@ -98,10 +99,10 @@ class IndexDir:
             self._store = StoreReader(generation.file(STORE))
         except StoreError as err:
             raise self._store_damaged(err) from None
-        expected = self.meta.get("store_generation", self.meta.get("generation"))
-        if self._store.attrs.get("generation") != expected or self._store.fingerprint != self.meta["fingerprint"]:
-            raise ValueError(f"{self.path}: {STORE} and {META} come from different runs (an interrupted write of an "
-                             f"older simret?): {repair_hint(self.path)}")
+        differ = disagreements(self.meta, self._store.attrs, self._store.count)
+        if differ:
+            raise ValueError(f"{self.path}: {STORE} and {META} come from different runs ({', '.join(differ)} "
+                             f"differ): {repair_hint(self.path)}")
         if self.searchable:
             self._index_file = open(generation.file(INDEX_FILE), "rb")  # pinned: loaded lazily, maybe much later
         if self.meta["whitening"].get("kind") == "pca":
