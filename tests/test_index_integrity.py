@@ -11,6 +11,7 @@ from index_campaign import (
     answer,
     chunk_offsets,
     copy_index,
+    finish,
     flip,
     generation,
     make_images,
@@ -18,6 +19,8 @@ from index_campaign import (
     one_error,
     queries,
     run,
+    simret_main,
+    start,
     write_format1,
 )
 
@@ -129,6 +132,17 @@ def test_damaged_hdf5_structure_is_one_error_naming_the_store(images, reference,
     check_problem(damaged, f"{damaged / 'descriptors.h5'} is unreadable")
     line = one_error(run("search", damaged, images / "img001.png"))
     assert f"{damaged / 'descriptors.h5'} is damaged" in line and "run your simret index command" in line
+    assert_repaired(damaged, reference, index_again(images, damaged), computed=IMAGES)
+
+
+def test_a_store_claiming_billions_of_rows_is_found_damaged_not_read_forever(images, reference, damaged, tmp_path):
+    import h5py
+
+    with h5py.File(generation(damaged) / "descriptors.h5", "r+") as handle:  # what a flipped dataspace byte does
+        handle["sizes"].resize((1 << 40,))
+    checking = start(simret_main, ["check", damaged], tmp_path / "log")
+    assert finish(checking) == 1  # within the deadline: not chunk after chunk of 2^40 rows
+    assert "sizes do not match its 8 rows" in (tmp_path / "log").read_text()
     assert_repaired(damaged, reference, index_again(images, damaged), computed=IMAGES)
 
 

@@ -45,6 +45,9 @@ STORE_FORMAT = 2  # 2: chunked + fletcher32 + file states (1: contiguous, no che
 CHUNK_BYTES = 256 << 10  # bytes of descriptors per HDF5 chunk
 BLOCK_BYTES = 64 << 20  # bytes of descriptors per block read or written at once
 FILE_STATE_SETS = ("sizes", "mtimes", "digests")
+# what h5py raises reading a damaged file: OSError for failed checksums and most damage, the others when
+# damaged metadata (names, datatypes, B-trees, attributes) is read
+H5_READ_ERRORS = (OSError, RuntimeError, ValueError, TypeError, KeyError, UnicodeDecodeError)
 IDS_DIGEST = "sha256"  # attribute of the ids dataset: SHA-256 of the ids, each + newline (ids cannot take filters)
 
 
@@ -390,7 +393,9 @@ class StoreReader:
             if self._table.ndim != 2 or self._handle["ids"].shape != (self._table.shape[0],):
                 raise StoreError(f"{self.path}: descriptors {self._table.shape} and ids "
                                  f"{self._handle['ids'].shape} do not match")
-        except (OSError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
+            self._has_states = all(name in self._handle for name in FILE_STATE_SETS)
+            self._check_shapes()
+        except H5_READ_ERRORS as err:
             self._handle.close()
             if isinstance(err, StoreError):
                 raise
@@ -398,6 +403,14 @@ class StoreReader:
         except BaseException:
             self._handle.close()
             raise
+
+    def _check_shapes(self) -> None:
+        """Every file-state dataset has one entry per row (a damaged dataspace can claim billions of rows,
+        which reading chunk by chunk would take forever to find out)."""
+        rows = self.count
+        wrong = [name for name in FILE_STATE_SETS if self._has_states and self._handle[name].shape != (rows,)]
+        if wrong:
+            raise StoreError(f"{self.path} is damaged: the shapes of {', '.join(wrong)} do not match its {rows} rows")
 
     # shape and content
 
@@ -425,8 +438,8 @@ class StoreReader:
         if self._ids is None:
             names = self._guarded(lambda: self._handle["ids"].asstr()[()], "ids", (0, self.count))
             self._ids = [str(v) for v in names]
-            expected = self._handle["ids"].attrs.get(IDS_DIGEST)
-            expected = expected.decode() if isinstance(expected, bytes) else expected
+            expected = self._guarded(lambda: self._handle["ids"].attrs.get(IDS_DIGEST), "ids", (0, self.count))
+            expected = expected.decode("utf-8", "replace") if isinstance(expected, bytes) else expected
             if expected and _ids_digest(self._ids) != expected:
                 raise StoreDamagedError(f"{self.path} is damaged: its ids no longer match their checksum",
                                         [(0, self.count)])
@@ -444,7 +457,7 @@ class StoreReader:
 
     @property
     def has_file_states(self) -> bool:
-        return all(name in self._handle for name in FILE_STATE_SETS)
+        return self._has_states
 
     def file_states(self, *, tolerate_damage: bool = False) -> FileStates:
         """The image files' states recorded with the rows (``FileStates.unknown`` for older stores);
@@ -533,7 +546,7 @@ class StoreReader:
     def _guarded(self, read, name: str, span: Tuple[int, int]):
         try:
             return read()
-        except (OSError, UnicodeDecodeError) as err:  # a damaged chunk, or damaged bytes of an id
+        except H5_READ_ERRORS as err:  # a damaged chunk, damaged bytes of an id, damaged HDF5 metadata
             raise StoreDamagedError(f"{self.path} is damaged: dataset {name!r} fails its checksum or cannot be read "
                                     f"(rows {span[0]}-{span[1] - 1}: {_first_line(err)})", [span]) from None
 
@@ -651,7 +664,7 @@ def _readable(dataset: Any, first: int, last: int) -> bool:
     try:
         dataset[first:last]
         return True
-    except OSError:
+    except H5_READ_ERRORS:
         return False
 
 
