@@ -14,8 +14,10 @@ Schema (readable with plain h5py, no simret needed)::
 ``h5py.File(path)["ids"].asstr()[()]`` gives the ids as Python strings. Every dataset is chunked (about
 256 KiB per chunk, whole rows) and carries HDF5's fletcher32 checksum filter, so a damaged byte is detected
 when its chunk is read (``StoreDamagedError`` naming the rows), and resizable, so a store is written block
-by block (``StoreWriter``) without holding all descriptors in memory. Stores written by simret before
-format 2 (contiguous, no checksums, no file states) are still read.
+by block (``StoreWriter``) without holding all descriptors in memory. Files are written in the HDF5 1.10
+file format, whose metadata (superblock, object headers, chunk indexes) carries checksums too (HDF5 1.10 or
+newer reads them: any h5py since 2.8). Stores written by simret before format 2 (contiguous, no checksums, no
+file states) are still read.
 
 ``open_descriptors`` maps rows straight from the file for fast random access (exact re-scoring of search
 candidates); it skips the checksum check, which full reads (``StoreReader.blocks``, ``read_store``) and
@@ -48,6 +50,9 @@ FILE_STATE_SETS = ("sizes", "mtimes", "digests")
 # what h5py raises reading a damaged file: OSError for failed checksums and most damage, the others when
 # damaged metadata (names, datatypes, B-trees, attributes) is read
 H5_READ_ERRORS = (OSError, RuntimeError, ValueError, TypeError, KeyError, UnicodeDecodeError)
+# HDF5 1.10 file format: checksums on the metadata too (superblock, object headers, chunk indexes), so damaged
+# metadata is an error when read instead of a crash, a hang or rows read wrongly (the 1.8 format has none)
+LIBVER = ("v110", "v110")
 IDS_DIGEST = "sha256"  # attribute of the ids dataset: SHA-256 of the ids, each + newline (ids cannot take filters)
 
 
@@ -190,7 +195,7 @@ def _open_for_writing(path: Path, mode: str) -> Tuple[Any, _GuardedFile]:
 
     guarded = _GuardedFile(path, "w+b" if mode == "w" else "r+b")
     try:
-        return h5py.File(guarded, mode), guarded
+        return h5py.File(guarded, mode, libver=LIBVER), guarded
     except BaseException:
         guarded.close()
         raise
