@@ -5,6 +5,7 @@ file and the repair, a problem in `simret check` (exit status 1), and is repaire
 import json
 import shutil
 
+import numpy as np
 import pytest
 from index_campaign import (
     MODEL,
@@ -99,6 +100,23 @@ def test_a_flipped_byte_in_a_descriptor_chunk_describes_those_rows_again(images,
     result = index_again(images, damaged)
     assert f"{IMAGES} re-described" in result.stdout
     assert_repaired(damaged, reference, result, computed=IMAGES)
+
+
+def test_repair_of_a_store_whose_every_row_is_damaged_says_so(images, reference, damaged, tmp_path):
+    from simret.retrieval.store import write_store
+
+    store = generation(damaged) / "descriptors.h5"
+    flip(store, chunk_offsets(store, "descriptors")[0] + 100)
+    before = {p.name: p.read_bytes() for p in generation(damaged).iterdir()}
+    line = one_error(run("check", damaged, "--repair"))
+    assert f"{damaged / 'descriptors.h5'} holds no usable descriptor ({IMAGES} rows" in line
+    assert "describe the images again with your simret index command" in line
+    assert {p.name: p.read_bytes() for p in generation(damaged).iterdir()} == before
+    empty = tmp_path / "empty.h5"
+    write_store(empty, np.zeros((0, 96), np.float32), [], {"fingerprint": "f", "arch": "a", "pool": "p",
+                "gamma": "none", "scales": [1.0], "dim": 96, "simret_version": "0", "created": "now"})
+    assert "empty.h5 holds no usable descriptor (0 rows" in one_error(run("index", "--from-descriptors", empty,
+                                                                         "--out", tmp_path / "new"))
 
 
 @pytest.mark.parametrize("where", ["the id strings", "the id references"])
