@@ -110,9 +110,9 @@ def test_whiten_on_bad_descriptor_files_and_unreadable_images(photos, index_dir,
 # ----------------------------------------------------------------------------------------- search
 
 
-@pytest.mark.parametrize("content, message", [
-    ("[1, 2]", "not a simret index description (a JSON list"),
-    ('{"name": "other tool"}', "not a simret index description (format None"),
+@pytest.mark.parametrize("content, message", [  # in a generation folder simret wrote: damage, repaired by simret
+    ("[1, 2]", "meta.json is damaged (a JSON list in a generation simret wrote"),
+    ('{"name": "other tool"}', "meta.json is damaged (format None in a generation simret wrote"),
     ('{"format": "simret-index"}', "is damaged (missing or malformed: generation"),
 ])
 def test_search_a_foreign_or_damaged_meta_json(index_dir, photos, tmp_path, content, message):
@@ -380,7 +380,7 @@ def test_search_meta_json_without_index_kind(index_dir, photos, tmp_path):
     meta["index"] = {}
     (copy / "meta.json").write_text(json.dumps(meta))
     line = run("search", copy, photos / "chelsea_easy_0.jpg")
-    assert "meta.json is damaged (missing or malformed: index/whitening)" in line
+    assert "meta.json is damaged (missing or malformed: index)" in line
 
 
 def test_out_of_memory_is_one_line(digits, tmp_path, monkeypatch):

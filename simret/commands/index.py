@@ -211,10 +211,29 @@ def _spec_from_meta(ctx: click.Context, model_spec: Dict[str, Any], meta: Dict[s
 
 
 def _readable_meta(out: str) -> Optional[Dict[str, Any]]:
-    """The index's meta.json, or None when there is none or it is damaged (the build repairs it)."""
+    """The index's meta.json (None when there is no index); when it is damaged (the build repairs it), what
+    its descriptor store records: the model and settings --append must describe the new images with."""
     from simret.retrieval.indexdir import IndexDamagedError, read_meta
 
     try:
         return read_meta(out)
     except IndexDamagedError:
+        return _recorded_by_store(out)
+
+
+def _recorded_by_store(out: str) -> Optional[Dict[str, Any]]:
+    """Model, scales, max_size and precision as the committed generation's store records them (None: unreadable)."""
+    import numpy as np
+
+    from simret.retrieval.indexdir import STORE, current
+    from simret.retrieval.indexdir.build import Identity
+    from simret.retrieval.store import StoreError, StoreReader
+
+    generation = current(out)
+    try:
+        with StoreReader(generation.file(STORE)) as store:
+            attrs, half = dict(store.attrs), store.dtype == np.float16
+        return {"model": Identity.of_store(attrs).model, "scales": list(attrs["scales"]),
+                "max_size": attrs.get("max_size") or None, "half": bool(half)}
+    except (StoreError, OSError, KeyError, TypeError, AttributeError):
         return None

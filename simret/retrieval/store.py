@@ -14,8 +14,10 @@ Schema (readable with plain h5py, no simret needed)::
 ``h5py.File(path)["ids"].asstr()[()]`` gives the ids as Python strings. Every dataset is chunked (about
 256 KiB per chunk, whole rows) and carries HDF5's fletcher32 checksum filter, so a damaged byte is detected
 when its chunk is read (``StoreDamagedError`` naming the rows), and resizable, so a store is written block
-by block (``StoreWriter``) without holding all descriptors in memory. Stores written by simret before
-format 2 (contiguous, no checksums, no file states) are still read.
+by block (``StoreWriter``) without holding all descriptors in memory. Files are written in the HDF5 1.10
+file format, whose metadata (superblock, object headers, chunk indexes) carries checksums too (HDF5 1.10 or
+newer reads them: any h5py since 2.8). Stores written by simret before format 2 (contiguous, no checksums, no
+file states) are still read.
 
 ``open_descriptors`` maps rows straight from the file for fast random access (exact re-scoring of search
 candidates); it skips the checksum check, which full reads (``StoreReader.blocks``, ``read_store``) and
@@ -23,7 +25,9 @@ candidates); it skips the checksum check, which full reads (``StoreReader.blocks
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,13 +39,16 @@ from simret.utils import h5checked
 from simret.utils.atomic import atomic_path
 from simret.utils.filestate import FileStates
 from simret.utils.h5attrs import read_attrs_of, write_attrs
-from simret.utils.h5checked import FILE_STATE_SETS, IDS_DIGEST, IdsDigest, ids_digest
+from simret.utils.h5checked import FILE_STATE_SETS, H5_READ_ERRORS, IDS_DIGEST, IdsDigest, ids_digest
 
 PathLike = Union[str, os.PathLike]
 REQUIRED_ATTRS = ("fingerprint", "arch", "pool", "gamma", "scales", "dim", "simret_version", "created")
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
 STORE_FORMAT = 2  # 2: chunked + fletcher32 + file states (1: contiguous, no checksums)
 BLOCK_BYTES = 64 << 20  # bytes of descriptors per block read or written at once
+# HDF5 1.10 file format: checksums on the metadata too (superblock, object headers, chunk indexes), so damaged
+# metadata is an error when read instead of a crash, a hang or rows read wrongly (the 1.8 format has none)
+LIBVER = ("v110", "v110")
 
 
 class StoreError(ValueError):
@@ -121,11 +128,86 @@ def _check_rows(descriptors: np.ndarray, ids: Sequence[str]) -> np.ndarray:
 # ------------------------------------------------------------------------------------------- writing
 
 
+class _GuardedFile(io.RawIOBase):
+    """The file HDF5 writes a store through: the first failed write (disk full, I/O error) is kept and every
+    later write is dropped, so HDF5 never sees an error. (An HDF5 file whose flush failed stays half-open
+    inside the library, which prints errors while Python collects it and crashes the interpreter when it
+    exits.) ``StoreWriter.close`` raises the kept error once HDF5 has let go of the file."""
+
+    def __init__(self, path: Path, mode: str) -> None:
+        super().__init__()
+        self._file = open(path, mode)
+        self.error: Optional[OSError] = None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        return self._file.readinto(buffer)
+
+    def write(self, data: Any) -> int:
+        if self.error is None:
+            try:
+                return self._file.write(data)
+            except OSError as err:
+                self.error = err
+        return len(memoryview(data))
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def truncate(self, size: Optional[int] = None) -> int:
+        if self.error is None:
+            try:
+                return self._file.truncate(size)
+            except OSError as err:
+                self.error = err
+        return self.tell() if size is None else size
+
+    def flush(self) -> None:
+        if self.error is None and not self._file.closed:
+            try:
+                self._file.flush()
+            except OSError as err:
+                self.error = err
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self.flush()
+            try:
+                self._file.close()
+            except OSError as err:
+                self.error = self.error or err
+        super().close()
+
+
+def _open_for_writing(path: Path, mode: str) -> Tuple[Any, _GuardedFile]:
+    """``(h5py.File, its guarded file)`` for writing ``path`` (``mode`` "w" or "r+")."""
+    import h5py
+
+    guarded = _GuardedFile(path, "w+b" if mode == "w" else "r+b")
+    try:
+        return h5py.File(guarded, mode, libver=LIBVER), guarded
+    except BaseException:
+        guarded.close()
+        raise
+
+
 class StoreWriter:
     """Write a store block by block: ``append(rows, ids, states)`` as often as needed, then ``close()``.
 
     The file at ``path`` is written in place (wrap it in ``atomic_path`` or a new index generation so an
     interrupted write is never seen). Memory use is the block passed in, whatever the store's size.
+    A write that fails (disk full …) raises ``OSError`` naming ``path``, at the latest from ``close()``.
     """
 
     def __init__(self, path: PathLike, dim: int, attrs: Mapping[str, Any], *, dtype: str = "float32") -> None:
@@ -141,7 +223,7 @@ class StoreWriter:
         self.count = 0
         self._ids_digest = IdsDigest()
         rows = chunk_rows(self.dim, self.dtype)
-        self._handle = h5py.File(self.path, "w")
+        self._handle, self._file = _open_for_writing(self.path, "w")
         try:
             h5checked.checked_dataset(self._handle, "descriptors", shape=(0, self.dim), dtype=self.dtype,
                                       rows_per_chunk=rows, resizable=True)
@@ -152,7 +234,7 @@ class StoreWriter:
             h5checked.create_file_state_sets(self._handle, 0, rows_per_chunk=id_rows, resizable=True)
             write_attrs(self._handle, {**attrs, "store_format": STORE_FORMAT})
         except BaseException:
-            self._handle.close()
+            self._release()
             raise
 
     def append(self, descriptors: np.ndarray, ids: Sequence[str], states: Optional[FileStates] = None) -> None:
@@ -183,11 +265,10 @@ class StoreWriter:
         Raises:
             StoreError: the file is not a resizable format-2 store.
         """
-        import h5py
 
         writer = cls.__new__(cls)
         writer.path = Path(path)
-        writer._handle = h5py.File(writer.path, "r+")
+        writer._handle, writer._file = _open_for_writing(writer.path, "r+")
         try:
             table = writer._handle["descriptors"]
             names = ("ids", *FILE_STATE_SETS)
@@ -198,7 +279,7 @@ class StoreWriter:
             writer._ids_digest = IdsDigest()
             writer._ids_digest.update(writer._handle["ids"].asstr()[()])
         except BaseException:
-            writer._handle.close()
+            writer._release()
             raise
         return writer
 
@@ -206,18 +287,34 @@ class StoreWriter:
         write_attrs(self._handle, attrs)
 
     def close(self) -> None:
+        """Finish the file. Raises ``OSError`` naming the path if any write failed (the file is then unusable)."""
         if self._handle is not None:
             try:
                 self._handle["ids"].attrs[IDS_DIGEST] = self._ids_digest.hexdigest()
             finally:
+                self._release()
+        error, self._file.error = self._file.error, None
+        if error is not None:
+            raise OSError(error.errno, error.strerror or str(error), str(self.path)) from None
+
+    def _release(self) -> None:
+        """Close the HDF5 file and the file under it (errors are kept for ``close``)."""
+        try:
+            if self._handle is not None:
                 self._handle.close()
-                self._handle = None
+        finally:
+            self._handle = None
+            self._file.close()
 
     def __enter__(self) -> StoreWriter:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.close()
+        if exc[0] is None:
+            self.close()
+            return
+        with contextlib.suppress(Exception):  # already failing: the first error is the one to report
+            self.close()
 
 
 def write_store(path: PathLike, descriptors: np.ndarray, ids: Sequence[str], attrs: Mapping[str, Any], *,
@@ -288,14 +385,30 @@ class StoreReader:
             self.attrs = read_attrs_of(self._handle)
             for name in ("descriptors", "ids"):
                 if name not in self._handle:
-                    raise StoreError(f"{self.path} has no {name!r} dataset (datasets: {', '.join(self._handle)})")
+                    raise StoreError(f"{self.path} has no {name!r} dataset (datasets: "
+                                     f"{', '.join(_text(n) for n in self._handle)})")
             self._table = self._handle["descriptors"]
             if self._table.ndim != 2 or self._handle["ids"].shape != (self._table.shape[0],):
                 raise StoreError(f"{self.path}: descriptors {self._table.shape} and ids "
                                  f"{self._handle['ids'].shape} do not match")
+            self._has_states = all(name in self._handle for name in FILE_STATE_SETS)
+            self._check_shapes()
+        except H5_READ_ERRORS as err:
+            self._handle.close()
+            if isinstance(err, StoreError):
+                raise
+            raise StoreError(f"{self.path} is damaged: its HDF5 structure cannot be read ({_first_line(err)})") from None
         except BaseException:
             self._handle.close()
             raise
+
+    def _check_shapes(self) -> None:
+        """Every file-state dataset has one entry per row (a damaged dataspace can claim billions of rows,
+        which reading chunk by chunk would take forever to find out)."""
+        rows = self.count
+        wrong = [name for name in FILE_STATE_SETS if self._has_states and self._handle[name].shape != (rows,)]
+        if wrong:
+            raise StoreError(f"{self.path} is damaged: the shapes of {', '.join(wrong)} do not match its {rows} rows")
 
     # shape and content
 
@@ -323,8 +436,8 @@ class StoreReader:
         if self._ids is None:
             names = self._guarded(lambda: self._handle["ids"].asstr()[()], "ids", (0, self.count))
             self._ids = [str(v) for v in names]
-            expected = self._handle["ids"].attrs.get(IDS_DIGEST)
-            expected = expected.decode() if isinstance(expected, bytes) else expected
+            expected = self._guarded(lambda: self._handle["ids"].attrs.get(IDS_DIGEST), "ids", (0, self.count))
+            expected = expected.decode("utf-8", "replace") if isinstance(expected, bytes) else expected
             if expected and ids_digest(self._ids) != expected:
                 raise StoreDamagedError(f"{self.path} is damaged: its ids no longer match their checksum",
                                         [(0, self.count)])
@@ -342,17 +455,41 @@ class StoreReader:
 
     @property
     def has_file_states(self) -> bool:
-        return h5checked.has_file_states(self._handle)
+        return self._has_states
 
-    def file_states(self) -> FileStates:
-        """The image files' states recorded with the rows (``FileStates.unknown`` for older stores)."""
+    def file_states(self, *, tolerate_damage: bool = False) -> FileStates:
+        """The image files' states recorded with the rows (``FileStates.unknown`` for older stores);
+        ``tolerate_damage``: rows whose state chunks fail their checksums get unknown states instead of an error.
+
+        Raises:
+            StoreDamagedError: a state chunk fails its checksum (unless ``tolerate_damage``).
+        """
+        if not self.has_file_states:
+            return FileStates.unknown(self.count)
+        if tolerate_damage:
+            damaged = self.damaged_rows(FILE_STATE_SETS)
+            if damaged:
+                return self._states_around(damaged)
         if self._states is None:
-            if not self.has_file_states:
-                self._states = FileStates.unknown(self.count)
-            else:
-                self._states = self._guarded(lambda: h5checked.read_file_states(self._handle), "sizes/mtimes/digests",
-                                             (0, self.count))
+            span = (0, self.count)
+            sizes = self._guarded(lambda: self._handle["sizes"][()], "sizes", span)
+            mtimes = self._guarded(lambda: self._handle["mtimes"][()], "mtimes", span)
+            digests = self._guarded(lambda: self._handle["digests"][()], "digests", span)
+            self._states = FileStates(np.asarray(sizes, np.int64), np.asarray(mtimes, np.int64),
+                                      [d.decode("ascii", "replace") for d in digests.tolist()])
         return self._states
+
+    def _states_around(self, damaged: List[Tuple[int, int]]) -> FileStates:
+        """The recorded states, unknown for the ``damaged`` row ranges (read around them)."""
+        states = FileStates.unknown(self.count)
+        rows = np.ones(self.count, bool)
+        for first, last in damaged:
+            rows[first:last] = False
+        for first, last in _true_runs(rows):
+            states.sizes[first:last] = self._handle["sizes"][first:last]
+            states.mtimes[first:last] = self._handle["mtimes"][first:last]
+            states.digests[first:last] = [d.decode("ascii", "replace") for d in self._handle["digests"][first:last]]
+        return states
 
     def blocks(self, rows_per_block: Optional[int] = None, start: int = 0,
                stop: Optional[int] = None) -> Iterator[Tuple[int, np.ndarray]]:
@@ -388,16 +525,18 @@ class StoreReader:
         """Fast random access to rows straight from the file (no checksum check); see ``open_descriptors``."""
         return RowAccess(self.path)
 
-    def damaged_rows(self) -> List[Tuple[int, int]]:
-        """Read every dataset chunk by chunk; the ``(start, stop)`` row ranges whose checksums fail."""
+    def damaged_rows(self, datasets: Optional[Sequence[str]] = None) -> List[Tuple[int, int]]:
+        """Read ``datasets`` (default: all of them — ids, descriptors, file states) chunk by chunk; the
+        ``(start, stop)`` row ranges whose checksums fail."""
+        names = ("ids", "descriptors", *FILE_STATE_SETS) if datasets is None else tuple(datasets)
         damaged: List[Tuple[int, int]] = []
-        try:
-            _ = self.ids  # reading them checks their checksum
-        except StoreDamagedError as err:
-            damaged.extend(err.rows)
-        for name in ("descriptors", *FILE_STATE_SETS):
-            if name in self._handle:
-                damaged.extend(h5checked.damaged_ranges(self._handle[name]))
+        if "ids" in names:
+            try:
+                _ = self.ids  # reading them checks their checksum
+            except StoreDamagedError as err:
+                damaged.extend(err.rows)
+        for name in [n for n in names if n != "ids" and n in self._handle]:
+            damaged.extend(h5checked.damaged_ranges(self._handle[name]))
         return h5checked.merge_ranges(damaged)
 
     # housekeeping
@@ -405,7 +544,7 @@ class StoreReader:
     def _guarded(self, read, name: str, span: Tuple[int, int]):
         try:
             return read()
-        except OSError as err:
+        except H5_READ_ERRORS as err:  # a damaged chunk, damaged bytes of an id, damaged HDF5 metadata
             raise StoreDamagedError(f"{self.path} is damaged: dataset {name!r} fails its checksum or cannot be read "
                                     f"(rows {span[0]}-{span[1] - 1}: {_first_line(err)})", [span]) from None
 
@@ -453,9 +592,6 @@ class RowAccess:
             return
         self._file = open(self.path, "rb")
         self._map = np.memmap(self._file, dtype=np.uint8, mode="r")
-        # every byte offset as the start of one row's bytes (overlapping items): a row gather is one fancy index
-        self._rows_at = np.ndarray((len(self._map) - self._row_bytes + 1,), dtype=np.dtype((np.void, self._row_bytes)),
-                                   buffer=self._map, offset=0, strides=(1,))
         self._handle.close()
 
     def __len__(self) -> int:
@@ -474,7 +610,8 @@ class RowAccess:
             starts = self._offset + index * self._row_bytes
         else:
             starts = self._chunk_offsets[index // self._chunk_rows] + (index % self._chunk_rows) * self._row_bytes
-        return self._rows_at[starts].view(self.dtype).reshape(index.size, self.shape[1])
+        gathered = self._map[starts[:, None] + np.arange(self._row_bytes)]
+        return gathered.view(self.dtype).reshape(index.size, self.shape[1])
 
 
 def _chunk_offsets(table: Any, rows_per_chunk: int) -> np.ndarray:
@@ -490,6 +627,17 @@ def _chunk_offsets(table: Any, rows_per_chunk: int) -> np.ndarray:
         raise StoreError(f"{table.file.filename}: {int((offsets < 0).sum())} chunk(s) of descriptors were never "
                          f"written: the store is incomplete")
     return offsets
+
+
+def _true_runs(mask: np.ndarray) -> List[Tuple[int, int]]:
+    """``(start, stop)`` of every run of True in a boolean vector."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], mask, [False]]).astype(np.int8)))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
+
+
+def _text(name: Any) -> str:
+    """A name h5py returns (``bytes`` when damaged bytes are not UTF-8) as text for messages."""
+    return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
 
 
 def _first_line(err: BaseException) -> str:

@@ -106,7 +106,7 @@ def write_failure(path: PathLike, err: OSError, intact: str) -> DiskWriteError:
         free = f"; {shutil.disk_usage(place).free / 2**20:,.0f} MiB free there"
     except OSError:
         free = ""
-    text = str(err)
+    text = err.strerror if err.errno is None and err.strerror else str(err)
     if err.errno:
         reason = os.strerror(err.errno)
     elif "No space left" in text or "errno = 28" in text:

@@ -24,6 +24,9 @@ CHUNK_BYTES = 256 << 10  # bytes per HDF5 chunk of a row-chunked dataset
 FILE_STATE_SETS = ("sizes", "mtimes", "digests")
 IDS_DIGEST = "sha256"  # attribute of an ids dataset: SHA-256 of the ids, each followed by a newline
 DIGEST_DTYPE = f"S{DIGEST_BYTES}"
+# what h5py raises reading a damaged file: OSError for failed checksums and most damage, the others when
+# damaged metadata (names, datatypes, B-trees, attributes) is read
+H5_READ_ERRORS = (OSError, RuntimeError, ValueError, TypeError, KeyError, UnicodeDecodeError)
 
 
 def chunk_rows(row_bytes: int, n_rows: Optional[int] = None) -> int:
@@ -68,7 +71,7 @@ def _readable(dataset: Any, first: int, last: int) -> bool:
     try:
         dataset[first:last]
         return True
-    except OSError:
+    except H5_READ_ERRORS:
         return False
 
 

@@ -55,7 +55,7 @@ def assemble_store(path: Path, plan: Plan, kept: List[int], previous: Previous, 
     ids = [e.image_id for e in entries]
     dim = int(attrs["dim"])
     if previous.store is not None and plan.reuses_all(previous, kept) and not plan.digests_added and previous.format_version >= 2 \
-            and previous.store.has_file_states and previous.attrs.get("root") == str(plan.root):
+            and previous.store.has_file_states and previous.states_intact and previous.attrs.get("root") == str(plan.root):
         link_file(previous.store.path, path)
         return Assembled(ids, entries, dim, str(previous.attrs.get("generation")), "linked", 0)
     if previous.store is not None and _extendable(plan, kept, previous):
@@ -72,7 +72,7 @@ def assemble_store(path: Path, plan: Plan, kept: List[int], previous: Previous, 
 
 def _extendable(plan: Plan, kept: List[int], previous: Previous) -> bool:
     return (plan.appends_to(previous, kept) and not plan.digests_added
-            and previous.format_version >= 2 and previous.store.has_file_states
+            and previous.format_version >= 2 and previous.store.has_file_states and previous.states_intact
             and previous.attrs.get("root") == str(plan.root) and bool(previous.usable.all()))
 
 

@@ -182,6 +182,10 @@ def build_from_store(out: PathLike, settings: Optional[IndexSettings] = None, *,
                                    max_size=rows.attrs.get("max_size") or None,
                                    precision=rows.attrs.get("precision")
                                    or ("bf16" if rows.store.dtype == np.float16 else "fp32"))
+            if not rows.usable.any():
+                shown = out / STORE if source is None else Path(source)
+                raise ValueError(f"{shown} holds no usable descriptor ({len(rows.ids)} rows, all damaged or none): "
+                                 f"describe the images again with your simret index command")
             plan = Plan(rows.root or Path(), [], rows.states.take(np.flatnonzero(rows.usable)), len(rows.ids),
                         lost=int((~rows.usable).sum()))
             for row in np.flatnonzero(rows.usable).tolist():
@@ -243,8 +247,8 @@ def _check_replacement(previous: Previous, rows: Previous, out: Path) -> None:
         return
     if recorded.get("fingerprint") != rows.attrs.get("fingerprint") or (previous.root and previous.root != rows.root):
         raise ValueError(f"{out} holds an index of {previous.root} by encoder {recorded.get('fingerprint')}; the "
-                         f"store holds {rows.root} by {rows.attrs.get('fingerprint')}: pass --overwrite to replace it, "
-                         f"or choose another --out")
+                         f"store holds {rows.root} by {rows.attrs.get('fingerprint')}: choose another --out, or pass "
+                         f"--overwrite to replace it (its {_held(previous)} leave it)")
 
 
 # -------------------------------------------------------------------------------------------- stages
@@ -287,17 +291,29 @@ def _check_previous(previous: Previous, encoder: Any, settings: IndexSettings, r
         problems.append(f"scales {recorded.get('scales')} (this run: {list(settings.scales)})")
     if (recorded.get("max_size") or None) != settings.max_size:
         problems.append(f"max_size {recorded.get('max_size')} (this run: {settings.max_size})")
+    held = _held(previous)
+    if problems and append:
+        raise ValueError(f"{out} holds an index built with {'; '.join(problems)}: --append describes the new images "
+                         f"as the index's were (leave out --model, --weights, --scales and --max-size: they follow "
+                         f"the index), or choose another --out (--overwrite would replace the index and drop its "
+                         f"{held})")
     if problems:
-        raise ValueError(f"{out} holds an index built with {'; '.join(problems)}: pass --overwrite to replace it, "
-                         f"or choose another --out")
+        raise ValueError(f"{out} holds an index built with {'; '.join(problems)}: choose another --out, or pass "
+                         f"--overwrite to replace it (its {held} leave it)")
     if not append and previous.root is not None and previous.root != root:
         raise ValueError(f"{out} holds an index of {previous.root}, not of {root}: pass --append to add these images "
-                         f"to it, --overwrite to replace it, or choose another --out")
+                         f"to it, choose another --out, or pass --overwrite to replace it (its {held} leave it)")
     if append and previous.meta and (settings.whiten != previous.meta["whitening"].get("kind", "none")
                                      or settings.kind != "auto"):
         log.info("--append keeps the existing %s index and its whitening (%s)", previous.meta["index"]["kind"],
                  previous.meta["whitening"].get("kind", "none"))
     return append
+
+
+def _held(previous: Previous) -> str:
+    """``"N images"`` an index holds, for messages about replacing it."""
+    count = (previous.meta or {}).get("count", len(previous.ids))
+    return f"{count} image{'s' if count != 1 else ''}"
 
 
 def _log_plan(plan: Plan, previous: Previous, append: bool) -> None:
@@ -366,8 +382,9 @@ def commit_generation(out: Path, plan: Plan, kept: List[int], failed: List[Tuple
     except (StoreError, FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise
     except OSError as err:  # disk full, no permission, I/O error
-        raise write_failure(target, err, f"the previous index in {out} is intact; run the same command again once "
-                                         f"the problem is fixed (the descriptors computed are kept)") from None
+        raise write_failure(Path(err.filename) if err.filename else target, err,
+                            f"the previous index in {out} is intact; run the same command again once the problem "
+                            f"is fixed (the descriptors computed are kept)") from None
     return BuildSummary(out, len(kept), computed, max(0, len(kept) - computed), len(failed),
                         searchable.index_meta["kind"], int(searchable.index_meta["dim"]), failures=failed,
                         redescribed=sum(plan.entries[i].redescribe for i in kept), removed=len(plan.removed),

@@ -16,8 +16,16 @@ from typing import List, Union
 
 import numpy as np
 
-from simret.retrieval.indexdir.layout import current
-from simret.retrieval.indexdir.names import GENERATIONS, INDEX_FILE, PARTIAL, STORE_ONLY, WHITENING_FILE
+from simret.retrieval.indexdir.layout import current, is_dangling
+from simret.retrieval.indexdir.names import (
+    CURRENT,
+    GENERATIONS,
+    INDEX_FILE,
+    PARTIAL,
+    PUBLIC_FILES,
+    STORE_ONLY,
+    WHITENING_FILE,
+)
 from simret.retrieval.indexdir.plan import path_key
 from simret.retrieval.indexdir.previous import Previous, load_previous
 from simret.utils.filestate import MISSING, stat_files
@@ -142,10 +150,16 @@ def _check_images(report: CheckReport, previous: Previous, verify_content: bool)
 def _leftovers(report: CheckReport, out: Path) -> None:
     committed = current(out)
     folder = out / GENERATIONS
-    others = [p.name for p in folder.iterdir() if p.resolve() != committed.directory.resolve()] \
-        if folder.is_dir() else []
+    others = [p.name for p in folder.iterdir() if p.resolve() != committed.directory.resolve()
+              and not (is_dangling(committed) and not p.name.startswith("."))] if folder.is_dir() else []
     temporaries = [p.name for p in out.glob(".*.tmp")]
     if others or temporaries:
         report.notes.append(f"left by an interrupted write, removed by the next one: {', '.join(others + temporaries)}")
+    if committed.name and committed.name != CURRENT and committed.directory.is_dir():
+        stale = [name for name in PUBLIC_FILES if (committed.directory / name).is_file()
+                 and not ((out / name).is_symlink() and os.readlink(out / name) == f"{CURRENT}/{name}")]
+        if stale:
+            report.notes.append(f"{', '.join(stale)} in {out} not linked to the current generation yet (readers use "
+                                f"{CURRENT}/; the next write links them)")
     if (out / PARTIAL).is_dir():
         report.notes.append(f"{PARTIAL}/ holds descriptors of an interrupted run (the next simret index reuses them)")

@@ -18,6 +18,7 @@ import numpy as np
 
 from simret.retrieval.indexdir.names import PARTIAL
 from simret.retrieval.store import StoreError, StoreReader, write_store
+from simret.utils.atomic import write_failure
 from simret.utils.filestate import FileStates
 from simret.utils.logs import get_logger
 
@@ -77,12 +78,23 @@ class Checkpoints:
             self.flush()
 
     def flush(self) -> None:
+        """Write the pending rows as one chunk.
+
+        Raises:
+            DiskWriteError: the chunk could not be written (disk full …); the index is unchanged.
+        """
         if not self.pending_keys:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
         name = f"part-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}.h5"
-        write_store(self.folder / name, np.concatenate(self.pending_rows), self.pending_keys,
-                    {**self.attrs, "partial": 1}, states=FileStates.concat(self.pending_states))
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_store(self.folder / name, np.concatenate(self.pending_rows), self.pending_keys,
+                        {**self.attrs, "partial": 1}, states=FileStates.concat(self.pending_states))
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise
+        except OSError as err:
+            raise write_failure(self.folder / name, err, f"the index in {self.folder.parent} is unchanged; run the same "
+                                                         f"command again once the problem is fixed") from None
         self.pending_keys, self.pending_rows, self.pending_states = [], [], []
         self.last_write = time.monotonic()
 

@@ -13,6 +13,7 @@ from typing import Any, Dict, List
 from simret.retrieval.indexdir.checkpoints import Checkpoints
 from simret.retrieval.indexdir.plan import Plan
 from simret.utils import distributed
+from simret.utils.atomic import DiskWriteError
 from simret.utils.logs import get_logger
 
 log = get_logger(__name__)
@@ -51,11 +52,15 @@ def describe_missing(plan: Plan, encoder: Any, settings: Any, checkpoints: Check
                 checkpoints.add([keys[p] for p in positions], batch.descriptors, states.take(positions),
                                 settings.checkpoint_every)
                 described.computed += len(positions)
-    finally:
+    except DiskWriteError:
+        raise  # saving a checkpoint failed: trying again now would fail the same way
+    except BaseException:
         try:
             checkpoints.flush()  # keep the work done so far, whatever stopped us
         except Exception as err:  # noqa: BLE001 - never hide the original error
             log.warning("could not save a checkpoint: %s", err)
+        raise
+    checkpoints.flush()  # the rows the build reads: a failure here fails the build (never an image left out)
     if sharded:
         gathered = distributed.all_gather_object((described.failures, described.computed))  # after every flush
         described = Described({key: reason for part, _ in gathered for key, reason in part.items()},

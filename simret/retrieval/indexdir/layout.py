@@ -66,6 +66,23 @@ def current(out: PathLike) -> Optional[Generation]:
     return None
 
 
+def is_dangling(generation: Optional[Generation]) -> bool:
+    """Whether ``generation`` is named by the ``current`` link but its folder does not exist (a damaged
+    directory: commits never remove the generation ``current`` names)."""
+    return generation is not None and bool(generation.name) and generation.name != CURRENT \
+        and not generation.directory.is_dir()
+
+
+def newest_complete(out: PathLike) -> Optional[Generation]:
+    """The newest finished generation folder of ``out`` holding a meta.json (None: none), whatever
+    ``current`` says: what a writer falls back to when ``current`` names a folder that is gone."""
+    out = Path(out)
+    folder = out / GENERATIONS
+    names = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and (p / META).is_file()) \
+        if folder.is_dir() else []
+    return Generation(out, folder / names[-1], names[-1]) if names else None
+
+
 def current_generation(out: PathLike) -> Optional[str]:
     """The id of the committed generation (cheap: one ``readlink``), for readers that poll for changes."""
     found = current(out)
@@ -108,8 +125,12 @@ class NewGeneration:
         fsync_path(final.parent)
         with deferred_interrupts():  # the swap and the public links go together
             _swap_current(self.out, Path(GENERATIONS) / self.name)
-            _link_public_files(self.out, final)
-        self.committed = Generation(self.out, final, self.name)
+            self.committed = Generation(self.out, final, self.name)  # from here on, the new generation is current
+            try:
+                _link_public_files(self.out, final)
+            except OSError as err:  # readers go through `current`; the next write links the names again
+                log.warning("%s is committed, but its public names could not all be linked (%s): the next write of "
+                            "it links them", self.out, err)
         remove_stale(self.out)
         return self.committed
 
@@ -155,14 +176,18 @@ def remove_stale(out: PathLike) -> List[str]:
     out = Path(out)
     committed = current(out)
     keep = committed.directory.resolve() if committed is not None else None
+    dangling = is_dangling(committed)  # damaged: keep every finished generation, the repair may need one
     removed: List[str] = []
     folder = out / GENERATIONS
     if folder.is_dir():
         for entry in folder.iterdir():
-            if keep is not None and entry.resolve() == keep:
+            if (keep is not None and entry.resolve() == keep) or (dangling and not entry.name.startswith(".")):
                 continue
             _remove(entry)
             removed.append(f"{GENERATIONS}/{entry.name}")
+    if committed is not None and committed.name and committed.name != CURRENT and not dangling:
+        with contextlib.suppress(OSError):  # names a killed commit did not link yet (only a convenience)
+            _link_public_files(out, committed.directory)
     for place in (out, out / PARTIAL):
         removed += [str((place / name).relative_to(out)) for name in remove_temporaries(place)]
     if removed:

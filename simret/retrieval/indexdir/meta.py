@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+from simret.retrieval.indexdir.names import CURRENT, GENERATIONS
 
 PathLike = Union[str, os.PathLike]
 FORMAT = "simret-index"
@@ -27,8 +29,8 @@ class IndexDamagedError(ValueError):
 
     ``problem`` is the message without the repair (what a writer logs before repairing it itself)."""
 
-    def __init__(self, problem: str, out: PathLike) -> None:
-        super().__init__(f"{problem}: {repair_hint(out)}")
+    def __init__(self, problem: str, out: PathLike, repair: Optional[str] = None) -> None:
+        super().__init__(f"{problem}: {repair or repair_hint(out)}")
         self.problem = problem
 
 
@@ -38,11 +40,18 @@ def repair_hint(out: PathLike) -> str:
             f"command again)")
 
 
-def parse_meta(text: str, shown: PathLike, out: PathLike) -> Dict[str, Any]:
-    """Validate the text of a meta.json (``shown``: the path messages name).
+def store_repair_hint(out: PathLike) -> str:
+    """How to repair a directory whose descriptor store is damaged (its rows must be described again)."""
+    return (f"run your simret index command for {out} again: it describes the damaged entries again "
+            f"(`simret check {out} --repair` would drop them instead)")
+
+
+def parse_meta(text: str, shown: PathLike, out: PathLike, *, in_generation: bool = False) -> Dict[str, Any]:
+    """Validate the text of a meta.json (``shown``: the path messages name; ``in_generation``: the file is
+    in a generation folder simret wrote, so whatever it holds was a simret record: damaged, not foreign).
 
     Raises:
-        IndexDamagedError: not JSON, or damaged (keys missing or malformed).
+        IndexDamagedError: not JSON, or damaged (keys missing, or of the wrong type).
         ValueError: not a simret index description, or written by a newer simret.
     """
     try:
@@ -51,20 +60,76 @@ def parse_meta(text: str, shown: PathLike, out: PathLike) -> Dict[str, Any]:
         raise IndexDamagedError(f"{shown} is not readable JSON ({err})", out) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = f"format {meta.get('format')!r}" if isinstance(meta, dict) else f"a JSON {type(meta).__name__}"
+        if in_generation:
+            raise IndexDamagedError(f"{shown} is damaged ({found} in a generation simret wrote)", out)
         raise ValueError(f"{shown} is not a simret index description ({found}, not written by simret index): "
                          f"choose another directory, or replace it with simret index --overwrite")
     version = meta.get("format_version", 1)
-    if not isinstance(version, int) or version < 1:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise IndexDamagedError(f"{shown} is damaged (format_version {version!r})", out)
     if version > FORMAT_VERSION:
         raise ValueError(f"{out} was written by a newer simret (index format {version}; this simret reads formats "
                          f"up to {FORMAT_VERSION}): upgrade simret (pip install -U simret)")
-    missing = [key for key in META_KEYS if key not in meta]
-    if missing or not isinstance(meta["index"], dict) or not {"kind", "dim"} <= set(meta["index"]) \
-            or not isinstance(meta["whitening"], dict):
-        raise IndexDamagedError(f"{shown} is damaged (missing or malformed: "
-                                f"{', '.join(missing) or 'index/whitening'})", out)
+    malformed = malformed_keys(meta, version)
+    if malformed:
+        raise IndexDamagedError(f"{shown} is damaged (missing or malformed: {', '.join(malformed)})", out)
     return meta
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or check(value)
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _dict_of(fields: Dict[str, Callable[[Any], bool]], required: Tuple[str, ...]) -> Callable[[Any], bool]:
+    def check(value: Any) -> bool:
+        return isinstance(value, dict) and all(k in value for k in required) \
+            and all(check_field(value[k]) for k, check_field in fields.items() if k in value)
+    return check
+
+
+_MODEL = _dict_of({k: _optional(lambda v: _is_text(v) or _is_number(v))
+                   for k in ("arch", "pool", "gamma", "weights", "checkpoint_key")}, ())
+_INDEX = _dict_of({"kind": _is_text, "dim": _is_int, "ntotal": _is_int, "params": lambda v: isinstance(v, dict),
+                   "requested": _is_text, "requested_params": lambda v: isinstance(v, dict)}, ("kind", "dim"))
+_WHITENING = _dict_of({"kind": lambda v: v in ("none", "pca"), "learned_on": _is_text,
+                       "out_dim": _optional(_is_int), "in_dim": _is_int}, ())
+_FILE = _dict_of({"name": _is_text, "bytes": _is_int, "checksum": _is_text, "integrity": _is_text}, ("name",))
+# key → (check, first format version that requires it; None: optional)
+SCHEMA: Dict[str, Tuple[Callable[[Any], bool], Optional[int]]] = {
+    "generation": (_is_text, 1), "root": (_is_text, 1), "count": (_is_int, 1), "fingerprint": (_is_text, 1),
+    "model": (_MODEL, 1), "dim": (_is_int, 1), "max_size": (_optional(_is_int), 1),
+    "scales": (lambda v: isinstance(v, list) and bool(v) and all(_is_number(x) and x > 0 for x in v), 1),
+    "index": (_INDEX, 1), "whitening": (_WHITENING, 1), "skipped": (_is_int, None),
+    "files": (lambda v: isinstance(v, dict) and all(isinstance(e, str) or _FILE(e) for e in v.values()), 2),
+    "sequence": (_is_int, 2), "store_generation": (_is_text, None),
+    "sources": (lambda v: isinstance(v, list) and all(_is_text(x) for x in v), None),
+    "half": (lambda v: isinstance(v, bool), None), "store_dtype": (lambda v: v in ("float32", "float16"), None),
+    "provenance": (lambda v: isinstance(v, dict), None),
+}
+
+
+def malformed_keys(meta: Dict[str, Any], version: int) -> List[str]:
+    """The keys of ``meta`` that a ``version`` record must have and lacks, or that hold a value of the wrong type."""
+    bad = []
+    for key, (check, since) in SCHEMA.items():
+        if key not in meta:
+            if since is not None and version >= since:
+                bad.append(key)
+        elif not check(meta[key]):
+            bad.append(key)
+    return bad
 
 
 def read_meta_file(path: Path, shown: PathLike, out: PathLike) -> Dict[str, Any]:
@@ -73,7 +138,23 @@ def read_meta_file(path: Path, shown: PathLike, out: PathLike) -> Dict[str, Any]
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise IndexDamagedError(f"{shown} is not readable JSON ({err})", out) from None
-    return parse_meta(text, shown, out)
+    folder = Path(path).parent
+    return parse_meta(text, shown, out, in_generation=folder.parent.name == GENERATIONS or folder.name == CURRENT)
+
+
+def disagreements(meta: Dict[str, Any], attrs: Dict[str, Any], count: int) -> List[str]:
+    """What meta.json records differently from its generation's store (``attrs``, ``count`` rows): the
+    generation, the row count, the encoder, the root, the scales or the size (any of them: not one run)."""
+    def scales(values: Any) -> List[float]:
+        return [float(v) for v in values]
+
+    expected = meta.get("store_generation", meta.get("generation"))
+    found = {"generation": attrs.get("generation"), "count": count, "fingerprint": attrs.get("fingerprint"),
+             "root": attrs.get("root", meta["root"]), "scales": scales(attrs.get("scales", meta["scales"])),
+             "max_size": attrs.get("max_size", meta["max_size"]) or None}
+    recorded = {"generation": expected, "count": meta["count"], "fingerprint": meta["fingerprint"],
+                "root": meta["root"], "scales": scales(meta["scales"]), "max_size": meta["max_size"] or None}
+    return [key for key in recorded if found[key] != recorded[key]]
 
 
 def file_record(meta: Dict[str, Any], key: str) -> Dict[str, Any]:

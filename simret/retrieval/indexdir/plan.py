@@ -107,7 +107,7 @@ def make_plan(listing_root: Path, listed: Sequence[str], previous: Previous, fou
         key = keys[i]
         row = stored.get(key, -1)
         here = now.take([i])
-        if row >= 0 and previous.usable[row] and _unchanged(previous.states, row, now, i):
+        if row >= 0 and previous.trusted(row) and _unchanged(previous.states, row, now, i):
             if verify_content and not previous.states.digests[row]:
                 plan.digests_added += 1
             elif not here.digests[0]:

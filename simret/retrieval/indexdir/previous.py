@@ -9,14 +9,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from simret.retrieval.indexdir.layout import Generation, current
-from simret.retrieval.indexdir.meta import IndexDamagedError, file_record, read_meta_file
-from simret.retrieval.indexdir.names import INDEX_FILE, META, SKIPPED, STORE, STORE_ONLY, WHITENING_FILE
-from simret.retrieval.store import StoreError, StoreReader
+from simret.retrieval.indexdir.layout import Generation, current, is_dangling, newest_complete
+from simret.retrieval.indexdir.meta import IndexDamagedError, disagreements, file_record, read_meta_file
+from simret.retrieval.indexdir.names import (
+    CURRENT,
+    GENERATIONS,
+    INDEX_FILE,
+    META,
+    SKIPPED,
+    STORE,
+    STORE_ONLY,
+    WHITENING_FILE,
+)
+from simret.retrieval.store import FILE_STATE_SETS, StoreError, StoreReader
 from simret.utils.filestate import ChecksumError, FileStates, verify_checksum
 from simret.utils.logs import get_logger
 from simret.utils.skipped import read_skipped
@@ -33,11 +42,20 @@ class Previous:
     store: Optional[StoreReader] = None  # open; None: absent or unreadable
     ids: List[str] = field(default_factory=list)
     states: FileStates = field(default_factory=lambda: FileStates.unknown(0))
-    usable: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # rows whose checksums hold
+    usable: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # rows whose descriptors are intact
+    states_ok: Optional[np.ndarray] = None  # rows whose recorded file states are intact (None: all)
     skipped: Dict[str, str] = field(default_factory=dict)
     problems: List[str] = field(default_factory=list)  # damage found (each forces a new generation)
     index_ok: bool = False  # index.faiss present and matching its checksum
     whitening_ok: bool = False
+
+    def trusted(self, row: int) -> bool:
+        """Whether stored row ``row`` can be reused for an unchanged image: descriptor and file state intact."""
+        return bool(self.usable[row]) and (self.states_ok is None or bool(self.states_ok[row]))
+
+    @property
+    def states_intact(self) -> bool:
+        return self.states_ok is None or bool(self.states_ok.all())
 
     @property
     def exists(self) -> bool:
@@ -70,9 +88,22 @@ def load_previous(out: Path, *, quiet: bool = False) -> Previous:
         ValueError: ``out`` holds something that is not a simret index, or one written by a newer simret.
     """
     generation = current(out)
-    previous = Previous(generation)
-    if generation is None:
-        return previous
+    problems = []
+    if is_dangling(generation):
+        missing, generation = generation.name, newest_complete(out)
+        problems.append(f"{out / CURRENT} names {GENERATIONS}/{missing}, which does not exist"
+                        + (f" ({GENERATIONS}/{generation.name}, the newest complete generation, is used)"
+                           if generation is not None else ""))
+    previous = Previous(generation, problems=problems)
+    if generation is not None:
+        _assess(previous, generation, out)
+    for problem in () if quiet else previous.problems:
+        log.warning("%s: repairing it", problem)
+    return previous
+
+
+def _assess(previous: Previous, generation: Generation, out: Path) -> None:
+    """Read the generation's meta.json and open its store, noting every problem found."""
     try:
         previous.meta = read_meta_file(generation.file(META), generation.shown(META), out)
     except IndexDamagedError as err:
@@ -84,9 +115,6 @@ def load_previous(out: Path, *, quiet: bool = False) -> Previous:
         _check_consistency(previous)
     if previous.meta is not None:
         _check_derived(previous, generation)
-    for problem in () if quiet else previous.problems:
-        log.warning("%s: repairing it", problem)
-    return previous
 
 
 def _open_store(previous: Previous, generation: Generation) -> None:
@@ -100,35 +128,44 @@ def _open_store(previous: Previous, generation: Generation) -> None:
     except StoreError as err:
         previous.problems.append(f"{generation.shown(STORE)} is unreadable ({err})")
         return
-    previous.store = store
-    damaged = store.damaged_rows()
-    usable = np.ones(store.count, bool)
-    for first, last in damaged:
-        usable[first:last] = False
-    if damaged:
-        shown = ", ".join(f"{a}-{b - 1}" for a, b in damaged[:5])
-        previous.problems.append(f"{generation.shown(STORE)} is damaged (rows {shown} fail their checksums; "
-                                 f"they are described again)")
     try:
         previous.ids = store.ids
-    except StoreError:
-        previous.problems.append(f"{generation.shown(STORE)}: its ids are damaged")
-        previous.store = None
+    except StoreError as err:
+        previous.problems.append(f"{generation.shown(STORE)}: its ids are damaged ({err}; every entry is described "
+                                 f"again)")
         store.close()
         return
-    try:
-        previous.states = store.file_states()
-    except StoreError:
-        previous.states = FileStates.unknown(store.count)
-    previous.usable = usable
+    previous.store = store
+    lost = store.damaged_rows(("descriptors",))
+    previous.usable = _intact(store.count, lost)
+    if lost:
+        previous.problems.append(f"{generation.shown(STORE)} is damaged (rows {_shown(lost)} fail their checksums; "
+                                 f"they are described again)")
+    unknown = store.damaged_rows(FILE_STATE_SETS) if store.has_file_states else []
+    previous.states_ok = _intact(store.count, unknown)
+    if unknown:
+        previous.problems.append(f"{generation.shown(STORE)} is damaged (the file states of rows {_shown(unknown)} fail "
+                                 f"their checksums; their descriptors are intact, their images are described again "
+                                 f"when listed)")
+    previous.states = store.file_states(tolerate_damage=bool(unknown))
+
+
+def _intact(count: int, damaged: List[Tuple[int, int]]) -> np.ndarray:
+    rows = np.ones(count, bool)
+    for first, last in damaged:
+        rows[first:last] = False
+    return rows
+
+
+def _shown(ranges: List[Tuple[int, int]]) -> str:
+    return ", ".join(f"{a}-{b - 1}" for a, b in ranges[:5]) + (" …" if len(ranges) > 5 else "")
 
 
 def _check_consistency(previous: Previous) -> None:
     meta, generation = previous.meta, previous.generation
     if previous.store is None:
         return
-    expected = meta.get("store_generation", meta.get("generation"))
-    if previous.attrs.get("generation") != expected or meta.get("count") != previous.store.count:
+    if disagreements(meta, previous.attrs, previous.store.count):
         previous.problems.append(f"{generation.shown(META)} and {generation.shown(STORE)} come from different runs "
                                  f"(an interrupted write of an older simret?)")
         previous.meta = None

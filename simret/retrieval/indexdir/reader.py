@@ -19,10 +19,25 @@ import numpy as np
 
 from simret.retrieval.exact import exact_search
 from simret.retrieval.index import DEFAULT_RERANK, Index
-from simret.retrieval.indexdir.layout import Generation, current, current_generation
-from simret.retrieval.indexdir.meta import IndexDamagedError, file_record, read_meta_file, repair_hint
-from simret.retrieval.indexdir.names import INDEX_FILE, META, STORE, STORE_ONLY, WHITENING_FILE
-from simret.retrieval.store import RowAccess, StoreReader, check_fingerprint
+from simret.retrieval.indexdir.layout import Generation, current, current_generation, is_dangling
+from simret.retrieval.indexdir.meta import (
+    IndexDamagedError,
+    disagreements,
+    file_record,
+    read_meta_file,
+    repair_hint,
+    store_repair_hint,
+)
+from simret.retrieval.indexdir.names import (
+    CURRENT,
+    GENERATIONS,
+    INDEX_FILE,
+    META,
+    STORE,
+    STORE_ONLY,
+    WHITENING_FILE,
+)
+from simret.retrieval.store import RowAccess, StoreError, StoreReader, check_fingerprint
 from simret.retrieval.whitening import PCAWhitening, l2_normalize
 from simret.utils.filestate import bytes_checksum, damaged, stream_checksum
 from simret.utils.logs import get_logger
@@ -61,11 +76,20 @@ class IndexDir:
             try:
                 self._open(generation)
                 break
-            except FileNotFoundError:
+            except (FileNotFoundError, ValueError) as err:  # IndexDamagedError and StoreError are ValueErrors
                 self.close()
-                if attempt + 1 == OPEN_ATTEMPTS or current_generation(self.path) == generation.name:
+                if generation.name and current_generation(self.path) != generation.name \
+                        and attempt + 1 < OPEN_ATTEMPTS:
+                    # a newer generation was committed meanwhile, and this one is being removed (its files go
+                    # one by one): what looked missing or damaged is that removal; open the new one
+                    time.sleep(0.01 * (attempt + 1))
+                    continue
+                if not isinstance(err, FileNotFoundError):
                     raise
-                time.sleep(0.01 * (attempt + 1))  # a newer generation was committed meanwhile: open that one
+                if is_dangling(generation):
+                    raise IndexDamagedError(f"{self.path / CURRENT} names {GENERATIONS}/{generation.name}, which does "
+                                            f"not exist", self.path) from None
+                raise IndexDamagedError(f"{generation.shown(META)} is missing", self.path) from None
 
     def _open(self, generation: Generation) -> None:
         self.generation_dir = generation
@@ -74,14 +98,16 @@ class IndexDir:
         needed = (STORE,) + ((INDEX_FILE,) if self.searchable else ())
         for name in needed + ((WHITENING_FILE,) if self.meta["whitening"].get("kind") == "pca" else ()):
             if not generation.file(name).is_file():
-                if generation.name and not generation.directory.is_dir():
-                    raise FileNotFoundError(generation.directory)  # removed by a newer commit: resolve again
-                raise IndexDamagedError(f"{generation.shown(name)} is missing", self.path)
-        self._store = StoreReader(generation.file(STORE))
-        expected = self.meta.get("store_generation", self.meta.get("generation"))
-        if self._store.attrs.get("generation") != expected:
-            raise ValueError(f"{self.path}: {STORE} and {META} come from different runs (an interrupted write of an "
-                             f"older simret?): {repair_hint(self.path)}")
+                raise IndexDamagedError(f"{generation.shown(name)} is missing", self.path,
+                                        store_repair_hint(self.path) if name == STORE else None)
+        try:
+            self._store = StoreReader(generation.file(STORE))
+        except StoreError as err:
+            raise self._store_damaged(err) from None
+        differ = disagreements(self.meta, self._store.attrs, self._store.count)
+        if differ:
+            raise ValueError(f"{self.path}: {STORE} and {META} come from different runs ({', '.join(differ)} "
+                             f"differ): {repair_hint(self.path)}")
         if self.searchable:
             self._index_file = open(generation.file(INDEX_FILE), "rb")  # pinned: loaded lazily, maybe much later
         if self.meta["whitening"].get("kind") == "pca":
@@ -149,7 +175,18 @@ class IndexDir:
 
     @property
     def ids(self) -> List[str]:
-        return self._store.ids
+        try:
+            return self._store.ids
+        except StoreError as err:
+            raise self._store_damaged(err) from None
+
+    def _store_damaged(self, err: StoreError) -> IndexDamagedError:
+        """A damaged store as one error naming the public file and its repair."""
+        shown = self.generation_dir.shown(STORE)
+        detail = str(err).replace(str(self.generation_dir.file(STORE)), "").strip(" :")
+        for prefix in ("is damaged:", "is "):
+            detail = detail[len(prefix):].strip() if detail.startswith(prefix) else detail
+        return IndexDamagedError(f"{shown} is damaged ({detail})", self.path, store_repair_hint(self.path))
 
     @property
     def store(self) -> StoreReader:
@@ -168,6 +205,12 @@ class IndexDir:
     def database_vectors(self, rows: Optional[Sequence[int]] = None) -> np.ndarray:
         """Database descriptors in the index's space, exact (read from the store, checksums verified), all
         or ``rows``."""
+        try:
+            return self._database_vectors(rows)
+        except StoreError as err:
+            raise self._store_damaged(err) from None
+
+    def _database_vectors(self, rows: Optional[Sequence[int]]) -> np.ndarray:
         if rows is not None:
             return self.prepare(self._store.rows(rows))
         out = None

@@ -136,7 +136,7 @@ def _whitening(generation: NewGeneration, assembled: Assembled, previous: Previo
         whitening = learn_whitening_on(source, encoder, dim=dim, scales=settings.scales, max_size=settings.max_size,
                                        batch_size=settings.batch_size, workers=settings.workers, precision=settings.precision,
                                        progress=progress)
-    whitening.save(generation.path(WHITENING_FILE))
+    _saving(generation.path(WHITENING_FILE), whitening.save)
     return whitening, {**whitening.describe(), "learned_on": source}, False
 
 
@@ -181,7 +181,7 @@ def _index(generation: NewGeneration, assembled: Assembled, previous: Previous, 
     if settings.max_latency_ms and not append and index.kind in ("ivfpq", "hnsw"):
         quality.update(tune_latency(index, store_path, prepare, settings.max_latency_ms))
     quality.update(_recall(index, store_path, prepare, old_quality, assembled))
-    index.save(target)
+    _saving(target, index.save)
     return index, False, quality
 
 
@@ -306,6 +306,14 @@ def tune_latency(index: Index, store_path: Path, prepare: Callable[[np.ndarray],
 
 
 # ----------------------------------------------------------------------------------------------- shared
+
+
+def _saving(path: Path, save: Callable[[Path], Any]) -> None:
+    """``save(path)``; a failure (disk full …) names ``path`` (``OSError.filename``) for the one error line."""
+    try:
+        save(path)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
 
 
 def same_index_settings(meta: Dict[str, Any], settings: Any) -> bool:

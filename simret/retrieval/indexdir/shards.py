@@ -254,7 +254,10 @@ def merge_index_dirs(sources: Sequence[PathLike], out: PathLike, settings: Any =
             try:
                 recorded = existing.meta or existing.attrs
                 if recorded and not overwrite:
-                    raise ValueError(f"{out} already holds an index: pass --overwrite to replace it with the merge")
+                    held = len(existing.ids)
+                    raise ValueError(f"{out} already holds an index of {held} images: merge into a new directory, or "
+                                     f"pass --overwrite to replace it with the merge (its {held} images would leave "
+                                     f"it unless a source holds them)")
             finally:
                 existing.close()
             rows = Previous(store=union, ids=ids, states=union.file_states(), usable=np.ones(len(ids), bool))
