@@ -563,7 +563,8 @@ class StoreReader:
 class RowAccess:
     """Rows of a store's ``descriptors`` gathered straight from the file, ``rows (R,) → (R, D)`` in the
     stored dtype: a memory map of the file (contiguous stores, or chunked ones without compression, whose
-    chunks are located once), else h5py reads. No checksum is verified here.
+    chunks are located once), else h5py reads. Each chunk is checked against its HDF5 checksum the first
+    time one of its rows is gathered (``StoreDamagedError`` naming its rows); later gathers are plain reads.
 
     Holds the file open, so it survives the file being replaced or removed meanwhile.
     """
@@ -587,12 +588,18 @@ class RowAccess:
         elif table.chunks is not None and not filters and table.chunks[1] == self.shape[1] and self.shape[0]:
             self._chunk_rows = int(table.chunks[0])
             self._chunk_offsets = _chunk_offsets(table, self._chunk_rows)
+            self._verified = np.zeros(len(self._chunk_offsets), bool) if table.fletcher32 else None
+            self._checked = table
         if self._offset is None and self._chunk_offsets is None:
             self._table = table  # compressed or unusual layouts (or no rows): h5py reads
             return
         self._file = open(self.path, "rb")
         self._map = np.memmap(self._file, dtype=np.uint8, mode="r")
-        self._handle.close()
+        # every byte offset as the start of one row's bytes (overlapping items): a row gather is one fancy index
+        self._rows_at = np.ndarray((len(self._map) - self._row_bytes + 1,), dtype=np.dtype((np.void, self._row_bytes)),
+                                   buffer=self._map, offset=0, strides=(1,))
+        if self._chunk_offsets is None or getattr(self, "_verified", None) is None:
+            self._handle.close()
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -609,9 +616,23 @@ class RowAccess:
         if self._offset is not None:
             starts = self._offset + index * self._row_bytes
         else:
+            self._verify(index // self._chunk_rows)
             starts = self._chunk_offsets[index // self._chunk_rows] + (index % self._chunk_rows) * self._row_bytes
-        gathered = self._map[starts[:, None] + np.arange(self._row_bytes)]
-        return gathered.view(self.dtype).reshape(index.size, self.shape[1])
+        return self._rows_at[starts].view(self.dtype).reshape(index.size, self.shape[1])
+
+    def _verify(self, chunks: np.ndarray) -> None:
+        """Read each chunk not checked yet through HDF5, whose fletcher32 filter verifies it."""
+        if getattr(self, "_verified", None) is None:
+            return
+        unique = np.unique(chunks)
+        for chunk in unique[~self._verified[unique]].tolist():
+            first, last = chunk * self._chunk_rows, min(self.shape[0], (chunk + 1) * self._chunk_rows)
+            try:
+                self._checked[first:last]
+            except H5_READ_ERRORS as err:
+                raise StoreDamagedError(f"{self.path} is damaged: descriptor rows {first}-{last - 1} fail their "
+                                        f"checksum ({_first_line(err)})", [(first, last)]) from None
+            self._verified[chunk] = True
 
 
 def _chunk_offsets(table: Any, rows_per_chunk: int) -> np.ndarray:

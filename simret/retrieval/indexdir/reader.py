@@ -37,7 +37,7 @@ from simret.retrieval.indexdir.names import (
     STORE_ONLY,
     WHITENING_FILE,
 )
-from simret.retrieval.store import RowAccess, StoreError, StoreReader, check_fingerprint
+from simret.retrieval.store import RowAccess, StoreDamagedError, StoreError, StoreReader, check_fingerprint
 from simret.retrieval.whitening import PCAWhitening, l2_normalize
 from simret.utils.filestate import bytes_checksum, damaged, stream_checksum
 from simret.utils.logs import get_logger
@@ -225,7 +225,10 @@ class IndexDir:
         """Rows of the memory-mapped store in the index's space (what re-scores ivfpq candidates)."""
         if self._rows is None:
             self._rows = self._store.row_access()
-        return self.prepare(np.asarray(self._rows[np.asarray(rows, dtype=np.int64)], dtype=np.float32))
+        try:
+            return self.prepare(np.asarray(self._rows[np.asarray(rows, dtype=np.int64)], dtype=np.float32))
+        except StoreDamagedError as err:
+            raise IndexDamagedError(str(err), self.path, repair=store_repair_hint(self.path)) from None
 
     def check_queries(self, fingerprint: Optional[str], what: str = "the queries") -> None:
         check_fingerprint(fingerprint, self.fingerprint, what=what, where=f"the index {self.path}")
