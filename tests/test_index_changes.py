@@ -94,6 +94,12 @@ def test_another_root_is_refused_and_appended_roots_survive(tmp_path):
     shutil.copyfile(first / "img000.png", second / "img001.png")  # an appended image replaced in place
     result = ok("index", second, "--out", out, "--append", "-j", "0")
     assert "(1 computed" in result.stdout and "1 re-described" in result.stdout
+    (second / "img002.png").unlink()  # an appended image deleted: the next --append of its folder drops it
+    kept = ok("index", second, "--out", out, "--append", "-j", "0", "--keep-missing")
+    assert "up to date (7 images" in kept.stdout
+    dropped = ok("index", second, "--out", out, "--append", "-j", "0")
+    assert "indexed 6 images" in dropped.stdout and "1 removed" in dropped.stdout
+    assert ok("check", out).exit_code == 0  # nothing vanished left behind
 
 
 def test_refusals_that_mention_overwrite_say_what_it_drops(tmp_path):

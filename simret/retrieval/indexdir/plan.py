@@ -10,7 +10,8 @@ are unchanged keeps its stored descriptor; a new or changed one is described (ag
   and, with ``--keep-missing``, those under the root that are no longer listed. Entries under the root
   that are no longer listed leave the index (``removed``).
 * ``--append`` keeps every previous entry in place (a listed one that changed is described again in
-  place) and adds the new images after them.
+  place) and adds the new images after them; entries under the root it lists whose files no longer exist
+  leave the index (``--keep-missing`` keeps them), so every source folder can be brought up to date.
 
 Stored rows whose checksums fail are described again when listed; unlisted ones are lost (``lost``).
 """
@@ -130,6 +131,8 @@ def make_plan(listing_root: Path, listed: Sequence[str], previous: Previous, fou
             key = path_key(old_root, image_id)
             if key in listed_rows:
                 add_listed(listed_rows.pop(key))
+            elif not keep_missing and is_under(key, listing_root) and not os.path.exists(key):
+                plan.removed.append(image_id)  # vanished from the folder this run lists
             elif previous.usable[row]:
                 add_previous(row)
             else:
