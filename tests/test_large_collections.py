@@ -269,3 +269,16 @@ def test_search_over_shards_refuses_incomparable_directories(photos, tmp_path):
         *FAST)
     refused = run("search", tmp_path / "a", tmp_path / "b", photos / "moon_0.jpg", ok=False)
     assert refused.exit_code == 1 and "cannot be compared" in refused.output
+
+
+def test_a_store_from_elsewhere_is_checked_before_it_is_indexed(tmp_path):
+    database = unit_rows(6, 64)
+    twice = write_store(tmp_path / "twice.h5", database, ["a", "b", "a", "c", "d", "e"],
+                        store_attrs(provenance(64), scales=(1,)))
+    assert "lists 1 id(s) more than once (e.g. 'a')" in run("index", "--from-descriptors", twice, "--out",
+                                                              tmp_path / "x", ok=False).output
+    database[3, 5] = np.nan
+    broken = write_store(tmp_path / "nan.h5", database, list("abcdef"), store_attrs(provenance(64), scales=(1,)))
+    refused = run("index", "--from-descriptors", broken, "--out", tmp_path / "y", ok=False)
+    assert refused.exit_code == 1 and "nan.h5 holds NaN or infinite descriptors (row 3, id 'd')" in refused.output
+    assert not (tmp_path / "y" / "meta.json").exists()

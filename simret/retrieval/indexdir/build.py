@@ -207,11 +207,30 @@ def _store_as_rows(path: Path) -> Previous:
         store.close()
         raise StoreError(f"{path} has no 'fingerprint' attribute: simret cannot tell which encoder computed these "
                          f"descriptors (write them with simret.retrieval.store.write_store)")
+    try:
+        _check_source(path, store)
+    except BaseException:
+        store.close()
+        raise
     rows = Previous(store=store, ids=store.ids, states=store.file_states(), usable=np.ones(store.count, bool))
     if not store.attrs.get("root"):
         log.info("%s records no image root: ids are taken relative to its folder", path)
         store.attrs["root"] = str(path.parent.resolve())
     return rows
+
+
+def _check_source(path: Path, store: StoreReader) -> None:
+    """A store written elsewhere: every id once, every descriptor finite (one pass, block by block)."""
+    seen: set = set()
+    twice = [i for i in store.ids if i in seen or seen.add(i)]
+    if twice:
+        raise ValueError(f"{path} lists {len(twice)} id(s) more than once (e.g. {twice[0]!r}): every image must have "
+                         f"one descriptor")
+    for start, block in store.blocks():
+        bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
+        if bad.size:
+            raise ValueError(f"{path} holds NaN or infinite descriptors (row {start + int(bad[0])}, id "
+                             f"{store.ids[start + int(bad[0])]!r}): recompute them")
 
 
 def _repair_settings(out: Path, previous: Previous, given: IndexSettings) -> IndexSettings:
