@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-SECTIONS = ["encoder", "extract", "search", "scale", "metrics", "fewshot", "serve"]  # order in BENCHMARKS.md
+# order in BENCHMARKS.md
+SECTIONS = ["encoder", "extract", "search", "scale", "integrity", "metrics", "fewshot", "serve"]
 
 
 @dataclass
