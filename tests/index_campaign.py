@@ -56,8 +56,8 @@ def ok(*args: object):
 def one_error(result, code: int = 1) -> str:
     """The single ``Error:`` line of a failed command (no traceback, nothing else that looks like one)."""
     assert result.exit_code == code, (result.output, result.exception)
-    assert "Traceback" not in result.output and not (result.exception and not isinstance(result.exception, SystemExit)), \
-        result.output
+    assert "Traceback" not in result.output, result.output
+    assert not (result.exception and not isinstance(result.exception, SystemExit)), result.output
     lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(lines) == 1, result.output
     return lines[0]

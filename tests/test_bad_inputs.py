@@ -306,7 +306,8 @@ def test_attention_negative_max_size_or_nan_alpha(photos, tmp_path):
     (["--small", "--model", "resnet50"], "--small sets --model itself"),
     (["--episodes", "0"], "'--episodes': 0 is not in the range x>=1"),
     (["--image-size", "8"], "'--image-size': 8 is not in the range 64<=x<=20000"),
-    (["--image-size", "100000000000000000000"], "'--image-size': 100000000000000000000 is not in the range 64<=x<=20000"),
+    (["--image-size", "100000000000000000000"],
+     "'--image-size': 100000000000000000000 is not in the range 64<=x<=20000"),
 ])
 def test_demo_refuses_options_it_would_ignore_or_cannot_use(tmp_path, option, message):
     assert message in run("demo", "-o", tmp_path / "demo", *option, code=2)

@@ -72,7 +72,8 @@ def test_distractors_qe_and_dba_configurations(data, tmp_path):
     for result in report.results.values():
         assert set(result) == {"easy", "medium", "hard"}
         assert all(0.0 <= v <= 1.0 for setup in result.values() for v in setup.values())
-    plain = evaluate_encoder(encoder, data, "rsample", EvalSettings(max_size=96, workers=0, cache_dir=tmp_path / "cache",
+    plain = evaluate_encoder(encoder, data, "rsample", EvalSettings(max_size=96, workers=0,
+                                                                    cache_dir=tmp_path / "cache",
                                                                     distractors="revisitop1m"))
     for setup in ("easy", "medium", "hard"):  # without DBA, distractors can only push positives down
         assert plain.results["rsample+R1M"][setup]["map"] <= plain.results["rsample"][setup]["map"] + 1e-9

@@ -196,8 +196,8 @@ def test_torch_in_torch_out_float32(episode_batch):
 
 def test_registry_and_bad_inputs(episode_batch):
     support, labels, query, _ = episode_batch
-    assert list_methods() == ["protonet", "cosine", "simpleshot", "logreg", "softkmeans", "bdcspn", "tim", "laplacianshot",
-                              "ptmap"]
+    assert list_methods() == ["protonet", "cosine", "simpleshot", "logreg", "softkmeans", "bdcspn", "tim",
+                              "laplacianshot", "ptmap"]
     with pytest.raises(ValueError, match="unknown few-shot method 'knn'; known: protonet"):
         get_method("knn")
     with pytest.raises(ValueError, match="method 'protonet' does not take base_mean"):

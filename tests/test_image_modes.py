@@ -74,8 +74,9 @@ def test_alpha_modes_are_composited_on_white(tmp_path):
 def test_premultiplied_alpha_in_memory():
     alpha = u8(H, W)
     colour = (u8(H, W, 3).astype(np.int64) * alpha[..., None] // 255).astype(np.uint8)  # premultiplied: c ≤ α
-    expected = np.minimum(colour.astype(np.int64) + np.round(255.0 * (255 - alpha.astype(np.float64)) / 255.0)[..., None]
-                          .astype(np.int64), 255)
+    expected = np.minimum(colour.astype(np.int64)
+                          + np.round(255.0 * (255 - alpha.astype(np.float64)) / 255.0)[..., None].astype(np.int64),
+                          255)
     rgba = Image.frombytes("RGBa", (W, H), np.dstack([colour, alpha]).tobytes())
     assert_close(np.asarray(to_rgb(rgba)), expected)
     la = Image.frombytes("La", (W, H), np.dstack([colour[..., 0], alpha]).tobytes())

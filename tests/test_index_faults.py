@@ -219,7 +219,8 @@ def _text_full(name):
     ("numpy", lambda m: m.setattr("numpy.savez", _no_space), "whitening"),
     ("skipped list", lambda m: m.setattr(Path, "write_text", _text_full("skipped.tsv")), "skipped.tsv"),
     ("meta.json", lambda m: m.setattr(Path, "write_text", _text_full("meta.json")), "meta.json"),
-    ("checkpoint", lambda m: m.setattr("simret.retrieval.indexdir.checkpoints.write_store", _no_space), ".partial/part-"),
+    ("checkpoint", lambda m: m.setattr("simret.retrieval.indexdir.checkpoints.write_store", _no_space),
+     ".partial/part-"),
 ])
 def test_disk_full_in_each_writer_is_one_error_naming_the_path(collection, tmp_path, monkeypatch, writer, patch,
                                                                 named):

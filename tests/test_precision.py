@@ -27,7 +27,8 @@ def test_auto_on_the_cpu_follows_its_bf16_instructions(monkeypatch, flags, expec
     assert resolve_precision("auto", "cpu") == expected
 
 
-@pytest.mark.parametrize("capability, expected", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp16"), ((6, 1), "fp16")])
+@pytest.mark.parametrize("capability, expected", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp16"),
+                                                  ((6, 1), "fp16")])
 def test_auto_on_gpus_bf16_from_ampere_fp16_before(monkeypatch, capability, expected):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
     assert resolve_precision("auto", torch.device("cuda", 0)) == expected

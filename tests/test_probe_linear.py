@@ -52,7 +52,8 @@ def test_probe_on_separable_features_and_its_sweep():
     assert [r["learning_rate"] for r in result.sweep] == list(LEARNING_RATES)
     assert all(r["scaled_learning_rate"] == pytest.approx(r["learning_rate"] * 32 / 256) for r in result.sweep)
     best = max(result.sweep, key=lambda r: r["top1"])
-    assert result.top1 == best["top1"] and result.learning_rate == result.sweep[result.sweep.index(best)]["learning_rate"]
+    assert result.top1 == best["top1"]
+    assert result.learning_rate == result.sweep[result.sweep.index(best)]["learning_rate"]
     assert min(r["top1"] for r in result.sweep) < 1.0  # the smallest rates barely move in 20 epochs: a real sweep
     report = result.to_dict()
     assert report["method"] == "linear" and report["norm"] == "bn" and report["epochs"] == 20

@@ -206,8 +206,8 @@ def test_store_only_directory_then_a_searchable_index_from_the_same_descriptors(
     assert "0 computed" in flat and (out / "index.faiss").exists()
     with h5py.File(out / "descriptors.h5") as handle:
         np.testing.assert_array_equal(handle["descriptors"][()], stored)
-    assert run("search", out, photos / "moon_0.jpg", "-k", "1", "--format", "tsv").output.splitlines()[1].split("\t")[2] \
-        == "moon_0.jpg"
+    assert run("search", out, photos / "moon_0.jpg", "-k", "1",
+               "--format", "tsv").output.splitlines()[1].split("\t")[2] == "moon_0.jpg"
     indexed = jsonl(run("search", out, photos / "moon_0.jpg", "-k", "5", "--qe", "2", "--format", "jsonl"))[0]
     assert scanned["ids"] == indexed["ids"]  # the block-wise scan of the store answers as the flat index does
     np.testing.assert_allclose(scanned["scores"], indexed["scores"], atol=1e-5)

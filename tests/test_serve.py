@@ -381,7 +381,8 @@ def test_page_docs_and_openapi(client):
     assert client.get("/static/").status_code == 404  # no directory listing
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/search", "/health", "/images/{image_id}", "/thumbnails/{image_id}", "/attention", "/metrics"} <= set(paths)
+    assert {"/search", "/health", "/images/{image_id}", "/thumbnails/{image_id}", "/attention",
+            "/metrics"} <= set(paths)
 
 
 def test_micro_batcher_puts_waiting_queries_into_one_batch():

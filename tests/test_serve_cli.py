@@ -116,7 +116,8 @@ def test_server_process_answers_warns_reloads_and_stops_gracefully(index_dir, ph
         port = int(re.search(r":(\d+)/", next(x for x in lines if "serving" in x)).group(1))
         base = f"http://127.0.0.1:{port}"
         health = httpx.get(f"{base}/health", timeout=30).json()
-        assert health["status"] == "ok" and health["count"] == json.loads((index_dir / "meta.json").read_text())["count"]
+        assert health["status"] == "ok"
+        assert health["count"] == json.loads((index_dir / "meta.json").read_text())["count"]
         with open(photos / "query_chelsea_q0.jpg", "rb") as handle:
             found = httpx.post(f"{base}/search", params={"k": 2}, files={"image": ("q.jpg", handle)}, timeout=60).json()
         assert len(found["ids"]) == 2

@@ -67,7 +67,8 @@ def test_csv_accepts_label_subfolders_and_any_column_order(tmp_path):
 
 
 def test_missing_csv_is_named(digits):
-    with pytest.raises(FileNotFoundError, match=r"split 'val': no such CSV file .*val\.csv \(found: test\.csv, train\.csv\)"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"split 'val': no such CSV file .*val\.csv \(found: test\.csv, train\.csv\)"):
         load_split(digits / "mini", "val", format="miniimagenet")
 
 
@@ -128,7 +129,8 @@ def test_class_size_check_names_small_classes_and_counts(tmp_path):
                                          r"small \(3 images\), tiny \(1 image\)"):
         split.check_class_sizes(4, "shot 1 + query 3")
     split.check_n_way(3)
-    with pytest.raises(ValueError, match="5-way episodes need 5 classes, but split 'test' .* has only 3: big, small, tiny"):
+    with pytest.raises(ValueError,
+                       match="5-way episodes need 5 classes, but split 'test' .* has only 3: big, small, tiny"):
         split.check_n_way(5)
 
 

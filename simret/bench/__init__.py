@@ -126,7 +126,8 @@ def render_markdown(sections: List[Section]) -> str:
     for section in sections:
         lines += [f"## {section.title}", ""]
         machine = section.machine
-        lines.append(f"- machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, GPU: {machine.get('gpu', 'none')}; "
+        lines.append(f"- machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, "
+                     f"GPU: {machine.get('gpu', 'none')}; "
                      f"torch {machine.get('torch', '?')}; Python {machine.get('python', '?')}")
         lines.append(f"- command: `{section.command}`  (measured {section.date})")
         lines += ["", "| measurement | median | baseline | baseline median | ratio | target | met |",

@@ -164,7 +164,8 @@ def run(quick: bool = False) -> Section:
                             met=ours < TARGET_SECONDS))
     section.rows.append(Row(f"evaluate protonet vs a library's per-episode loop: {shape}", ours, "s",
                             baseline=f"easyfsl-style evaluate: DataLoader + episodic collate + classifier module "
-                                     f"(prototypes, -cdist) per episode, {loop_episodes:,} episodes × {scale:g}", baseline_value=library,
+                                     f"(prototypes, -cdist) per episode, {loop_episodes:,} episodes × {scale:g}",
+                            baseline_value=library,
                             ratio=library / ours, target=f"≥ {TARGET_RATIO:g}x", met=library / ours >= TARGET_RATIO))
     section.rows.append(Row(f"evaluate protonet vs the compute part of that loop alone: {shape}", ours, "s",
                             baseline=f"per-episode torch compute on in-memory rows (no loader), {loop_episodes:,} "
@@ -189,9 +190,10 @@ def run(quick: bool = False) -> Section:
     library_accuracy = library_loop(bank_t, subset)
     agree = np.mean(np.isclose(ours_subset, np.array(per_episode_loop(bank_t, subset)), rtol=0, atol=1e-6))
     gram_agree = np.mean(np.isclose(gram_route(bank, subset, gram), ours_subset, rtol=0, atol=1e-9))
-    section.notes.append(f"Same episodes for every method (seed 0); the loop runs on the first {loop_episodes:,} and is "
-                         f"extrapolated ×{n_episodes // loop_episodes}; its per-episode accuracies equal simret's on "
-                         f"{agree:.1%} of them (any difference: float near-ties between classes of a random bank).")
+    section.notes.append(f"Same episodes for every method (seed 0); the loop runs on the first {loop_episodes:,} "
+                         f"and is extrapolated ×{n_episodes // loop_episodes}; its per-episode accuracies equal "
+                         f"simret's on {agree:.1%} of them (any difference: float near-ties between classes of a "
+                         f"random bank).")
     section.notes.append(f"The library loop's overall accuracy on those episodes is {library_accuracy:.4f}, simret's "
                          f"{float(np.mean(ours_subset)):.4f}: the same computation. The target compares against the "
                          f"whole loop a library runs (loader included); the compute-only row shows how much of the "

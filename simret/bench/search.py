@@ -110,9 +110,11 @@ def run(quick: bool = False) -> Section:
             seconds = interleaved_medians({"ivf": lambda: ivf.search(q, K, exact=exact)}, repeat=repeat)["ivf"]
             wanted = exact is not None and nq == 70
             section.rows.append(Row(f"ivfpq {label}: recall@{K} vs flat, {nq} queries", recall, "",
-                                    target="≥ 0.9" if wanted else None, met=(recall >= 0.9) if wanted and not quick else None))
+                                    target="≥ 0.9" if wanted else None,
+                                    met=(recall >= 0.9) if wanted and not quick else None))
             section.rows.append(Row(f"ivfpq {label}: {nq} queries, k={K}", nq / seconds, "queries/s",
-                                    baseline="simret flat", baseline_value=flat_qps[nq], ratio=nq / seconds / flat_qps[nq]))
+                                    baseline="simret flat", baseline_value=flat_qps[nq],
+                                    ratio=nq / seconds / flat_qps[nq]))
     section.rows.append(Row("ivfpq memory per vector in RAM (codes + id)", ivf.bytes_per_vector, "bytes",
                             baseline="flat float32", baseline_value=simret_flat.bytes_per_vector,
                             ratio=simret_flat.bytes_per_vector / ivf.bytes_per_vector))
@@ -128,5 +130,6 @@ def run(quick: bool = False) -> Section:
                          f"16 MB of vectors (and restores it).")
     section.notes.append(f"ivfpq parameters chosen by auto for {n:,} vectors: {params}; trained on "
                          f"{max(64 * params['nlist'], 10_000):,} sampled vectors; build {build_seconds:.0f} s.")
-    section.notes.append(f"{repeat} interleaved runs after a warm-up; section wall time {time.perf_counter() - started:.0f} s.")
+    section.notes.append(f"{repeat} interleaved runs after a warm-up; "
+                         f"section wall time {time.perf_counter() - started:.0f} s.")
     return section

@@ -164,7 +164,8 @@ def run(quick: bool = False) -> Section:
         queries = [(name, (root / "queries" / name).read_bytes()) for name in query_ids]
         index_dir = root / "idx"
         subprocess.run([sys.executable, "-m", "simret", "-q", "index", str(root / "db"), "--out", str(index_dir),
-                        "--model", arch, "--weights", "none", "--gamma", gamma, "--max-size", str(max(size)), "-j", "0"],
+                        "--model", arch, "--weights", "none", "--gamma", gamma, "--max-size", str(max(size)),
+                        "-j", "0"],
                        check=True, env=env, capture_output=True)
 
         cold = [cold_search_seconds(index_dir, root / "queries" / query_ids[0], env) for _ in range(n_cold)]

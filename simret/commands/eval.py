@@ -78,7 +78,8 @@ def evaluate(dataset: str, data_root: Path, model_spec: Dict[str, Any], scales: 
 
     settings = EvalSettings(scales=parse_scales(scales), max_size=max_size or None, batch_size=batch_size,
                             workers=workers, distractors=DISTRACTOR_NAMES.get(distractors or ""),
-                            qe=qe, dba=dba, alpha=alpha, whiten_on=whiten_on, cache_dir=cache, lock_timeout=lock_timeout)
+                            qe=qe, dba=dba, alpha=alpha, whiten_on=whiten_on, cache_dir=cache,
+                            lock_timeout=lock_timeout)
     from simret.data.revisited import load_distractors, load_revisited
 
     load_revisited(data_root, dataset)  # a missing or malformed dataset fails before any model is built

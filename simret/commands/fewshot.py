@@ -68,8 +68,9 @@ def fewshot(ctx: click.Context, split_root: Path, split_format: str, split: str,
     """Evaluate an encoder on N-way K-shot episodes of SPLIT_ROOT and print accuracy ± 95% CI per method and shot.
 
     Features of every image are extracted once per split into features-<split>.h5 (resumable, reused by later
-    runs with the same encoder and image size; images replaced since are described again); episodes are drawn from --split with --seed, the same episodes
-    for every method; the 95% confidence interval is 1.96·std/√episodes (std with ddof=0). SimpleShot
+    runs with the same encoder and image size; images replaced since are described again); episodes are drawn
+    from --split with --seed, the same episodes for every method; the 95% confidence interval is
+    1.96·std/√episodes (std with ddof=0). SimpleShot
     subtracts the mean feature of --base-split (CL2N); without that split it falls back to L2N, with a warning.
 
     \b

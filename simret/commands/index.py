@@ -149,7 +149,8 @@ def _settings(ctx: click.Context, out: str, model_spec: Dict[str, Any], options:
         max_size = (meta["max_size"] or 0) if _is_default(ctx, "max_size") else max_size
         if not given_on_command_line(ctx, "precision") and _is_default(ctx, "half"):
             model_spec = {**model_spec, "precision": recorded_precision(meta)}
-    if options["train_from"] and [n for n in ("kind", "index_params", "whiten", "max_memory") if not _is_default(ctx, n)]:
+    if options["train_from"] and [n for n in ("kind", "index_params", "whiten", "max_memory")
+                                  if not _is_default(ctx, n)]:
         raise click.UsageError("--train-from takes the index and whitening of DIR0: --index, --index-param, --whiten "
                                "and --max-memory do not apply")
     chosen = {name: options[name] for name in SETTING_OPTIONS}

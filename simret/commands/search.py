@@ -41,7 +41,8 @@ def _parse_bbox(text: Optional[str]) -> Optional[Tuple[float, float, float, floa
 @click.option("-k", "--top-k", "k", type=click.IntRange(min=1), default=10, show_default=True,
               help="Results per query.")
 @click.option("--bbox", default=None, metavar="x1,y1,x2,y2",
-              help="Crop every query image to this box (pixels, as PIL.Image.crop: a part past the border is black) before describing it (Revisited queries).")
+              help="Crop every query image to this box (pixels, as PIL.Image.crop: a part past the border is black) "
+                   "before describing it (Revisited queries).")
 @click.option("--descriptors", "descriptor_file", type=click.Path(exists=True, dir_okay=False), default=None,
               metavar="FILE.h5", help="Query with stored descriptors (a simret descriptors.h5 with a fingerprint) "
                                       "instead of images.")

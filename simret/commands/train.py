@@ -23,7 +23,8 @@ from simret.commands.options import command_device, lock_timeout_option, model_o
 @click.option("--freeze-trunk", is_flag=True,
               help="Train only the pooling and the head; the trunk stays frozen in eval mode (BatchNorm too).")
 @click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--lr", type=float, default=None, help="Peak learning rate (AdamW). Default 1e-4, 1e-3 with --freeze-trunk.")
+@click.option("--lr", type=float, default=None,
+              help="Peak learning rate (AdamW). Default 1e-4, 1e-3 with --freeze-trunk.")
 @click.option("--min-lr", type=float, default=1e-6, show_default=True, help="Where the cosine decay ends.")
 @click.option("--warmup-epochs", type=float, default=1.0, show_default=True,
               help="Linear warm-up length in epochs (counted in steps; fractions allowed).")

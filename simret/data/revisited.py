@@ -424,7 +424,8 @@ def _names(value: Any, source: str, key: str) -> List[str]:
 
 def _query_gnd(entry: Any, n_images: int, where: str) -> Dict[str, np.ndarray]:
     if not isinstance(entry, dict):
-        raise GroundTruthError(f"{where}: expected a dict with {', '.join(INDEX_KEYS)} and bbx, got {type(entry).__name__}")
+        raise GroundTruthError(f"{where}: expected a dict with {', '.join(INDEX_KEYS)} and bbx, "
+                               f"got {type(entry).__name__}")
     missing = [key for key in INDEX_KEYS + ("bbx",) if key not in entry]
     if missing:
         raise GroundTruthError(f"{where}: missing {', '.join(missing)}")

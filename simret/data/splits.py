@@ -182,7 +182,8 @@ def load_csv_split(root: PathLike, split: str, images_dir: Optional[PathLike] = 
             guard.refuse(relative, f"{csv_path}:{number}")
         ids.append(relative or filename)
     if missing:
-        listed = ", ".join(missing[:_LISTED]) + (f" and {len(missing) - _LISTED} more" if len(missing) > _LISTED else "")
+        listed = ", ".join(missing[:_LISTED]) + (f" and {len(missing) - _LISTED} more"
+                                                 if len(missing) > _LISTED else "")
         raise FileNotFoundError(f"{csv_path}: {len(missing)} of {len(rows)} listed image(s) are missing from "
                                 f"{image_root}: {listed}")
     duplicates = len(names) - len(set(names))

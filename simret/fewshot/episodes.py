@@ -132,7 +132,8 @@ def sample_episodes(labels: Sequence[Any], n_way: int, n_shot: int, n_query: int
         keys = _uniforms(bits, (e, draws))
         classes = np.argsort(keys[:, :n_classes], axis=1, kind="stable")[:, :n_way]  # (e, W) distinct
         picks = _floyd(counts[classes], keys[:, n_classes:n_classes + n_way * per_class].reshape(e, n_way, per_class))
-        shuffle = np.argsort(keys[:, n_classes + n_way * per_class:].reshape(e, n_way, per_class), axis=2, kind="stable")
+        shuffle = np.argsort(keys[:, n_classes + n_way * per_class:].reshape(e, n_way, per_class), axis=2,
+                             kind="stable")
         picks = np.take_along_axis(picks, shuffle, axis=2)  # a uniformly random ordered sample of each class
         bank = order[starts[classes][:, :, None] + picks]  # (e, W, K+Q)
         support[begin:begin + e] = bank[:, :, :n_shot].reshape(e, -1)

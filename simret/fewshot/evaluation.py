@@ -210,7 +210,8 @@ def _prototype_accuracies(bank: torch.Tensor, episodes: Episodes, method: Protot
     n_way, dim = episodes.n_way, features.shape[1]
     n_query = episodes.query.shape[1]
     use_faiss = features.device.type == "cpu" and features.dtype == torch.float32 and _faiss() is not None
-    chunk = _chunk(chunk, n_way if use_faiss else n_way + n_query, dim, PROTOTYPE_BUDGET if use_faiss else GATHER_BUDGET)
+    chunk = _chunk(chunk, n_way if use_faiss else n_way + n_query, dim,
+                   PROTOTYPE_BUDGET if use_faiss else GATHER_BUDGET)
     out = np.empty(len(episodes), dtype=np.float64)
     for begin in range(0, len(episodes), chunk):
         part = episodes[begin:begin + chunk]

@@ -41,7 +41,8 @@ SINKHORN_TOLERANCE = 1e-6
 
 
 def cosine_scores(features: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """``(E, N, D)``, ``(E, W, D)`` → ``(E, N, W)`` cosine similarities (easyfsl's ``cosine_distance_to_prototypes``)."""
+    """``(E, N, D)``, ``(E, W, D)`` → ``(E, N, W)`` cosine similarities
+    (easyfsl's ``cosine_distance_to_prototypes``)."""
     return torch.bmm(F.normalize(features, dim=-1), F.normalize(centres, dim=-1).transpose(1, 2))
 
 
@@ -138,9 +139,9 @@ class TIMMethod(TransductiveMethod):
     conditional_weight=0.1``, ``norm="none"``. The paper's protocol (official code, github.com/mboudiaf/TIM)
     differs in the classifier itself (logits ``−temperature/2·‖x − w_c‖²`` on L2-normalised features,
     temperature 15, weights (0.1, 1, 0.1), 1000 Adam steps at lr 1e-4), so easyfsl's defaults are kept; its
-    step count, learning rate, temperature, weights and ``norm="l2n"`` can be set. Each episode's loss only involves its own prototypes,
-    and Adam is elementwise: optimising the sum over episodes updates every episode exactly as optimising it
-    alone (as the official TIM code does).
+    step count, learning rate, temperature, weights and ``norm="l2n"`` can be set. Each episode's loss only
+    involves its own prototypes, and Adam is elementwise: optimising the sum over episodes updates every episode
+    exactly as optimising it alone (as the official TIM code does).
     """
 
     name = "tim"

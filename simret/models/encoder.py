@@ -174,7 +174,8 @@ class Encoder(nn.Module):
         if getattr(embed, "dynamic_img_pad", False):
             return int(height), int(width)
         patch_h, patch_w = embed.patch_size
-        return (max(patch_h, int(round(height / patch_h)) * patch_h), max(patch_w, int(round(width / patch_w)) * patch_w))
+        return (max(patch_h, int(round(height / patch_h)) * patch_h),
+                max(patch_w, int(round(width / patch_w)) * patch_w))
 
     def attention(self, images: Tensor) -> Tensor:
         """SimPool attention maps: images ``(B, 3, H, W)`` → ``(B, h, w)`` (heads averaged; rows sum to 1)."""
@@ -227,8 +228,9 @@ def create_encoder(
         weights: ``None`` random init (deterministic from ``seed``, with a warning, no network);
             ``"timm"`` timm's pretrained trunk (fails fast and clearly when it cannot be fetched);
             ``"simpool:<name>"`` an official SimPool checkpoint (see ``list_official_checkpoints``);
-            an ``http(s)://`` URL (downloaded once into the cache); a path to ``.pth/.pt/.tar/.safetensors`` — official SimPool DINO or supervised checkpoints,
-            timm/torchvision trunk checkpoints, or files written by ``save_encoder``.
+            an ``http(s)://`` URL (downloaded once into the cache); a path to ``.pth/.pt/.tar/.safetensors`` —
+            official SimPool DINO or supervised checkpoints, timm/torchvision trunk checkpoints, or files written
+            by ``save_encoder``.
         pool_kwargs: extra pooling arguments (``num_heads``, ``use_beta`` for SimPool; ``p`` for GeM).
         checkpoint_key: which entry of a checkpoint dict holds the weights (default: ``teacher`` for DINO,
             then ``state_dict``, ``model`` …).
@@ -336,7 +338,8 @@ def _build_trunk(arch: str, timm_kwargs: Dict[str, Any], pretrained_file: Option
         kwargs["pretrained_cfg_overlay"] = {"file": pretrained_file}
     dynamic = "dynamic_img_size" not in timm_kwargs
     try:
-        return timm.create_model(arch, pretrained=pretrained, **({"dynamic_img_size": True} if dynamic else {}), **kwargs)
+        return timm.create_model(arch, pretrained=pretrained, **({"dynamic_img_size": True} if dynamic else {}),
+                                 **kwargs)
     except TypeError as err:
         if dynamic and "dynamic_img_size" in str(err):
             return timm.create_model(arch, pretrained=pretrained, **kwargs)
@@ -397,7 +400,8 @@ def _load_mapped(trunk: nn.Module, pool: nn.Module, mapped: MappedWeights, pool_
     if missing or unexpected:
         hint = ""
         if "beta" in unexpected:
-            hint = " (the checkpoint's SimPool has beta, which exists only with gamma: pass gamma, e.g. 1.25 for ViTs, 2.0 for CNNs)"
+            hint = (" (the checkpoint's SimPool has beta, which exists only with gamma: pass gamma, "
+                    "e.g. 1.25 for ViTs, 2.0 for CNNs)")
         raise WeightsError(f"{label}: " + describe_key_mismatch(missing, unexpected, f"{pool_name} pooling") + hint)
     shapes = [f"{k} {tuple(v.shape)} vs {tuple(pool_expected[k].shape)}" for k, v in mapped.pool.items()
               if v.shape != pool_expected[k].shape]

@@ -94,7 +94,8 @@ def choose_index(n: int, dim: int, budget: int, kind: str = "auto",
         if needed > budget:
             raise ValueError(f"an hnsw index of {n:,} {dim}-d vectors (M={chosen['M']}) needs {format_size(needed)}, "
                              f"more than --max-memory {format_size(budget)}: use --index ivfpq or auto")
-        return IndexChoice("hnsw", chosen, needed, f"hnsw as asked: {format_size(needed)} fits in {format_size(budget)}")
+        return IndexChoice("hnsw", chosen, needed,
+                           f"hnsw as asked: {format_size(needed)} fits in {format_size(budget)}")
     return _sized_ivfpq(n, dim, budget, params, flat_bytes=index_bytes("flat", n, dim, {}))
 
 
@@ -110,8 +111,8 @@ def _sized_ivfpq(n: int, dim: int, budget: int, params: Dict[str, Any], flat_byt
             code = math.ceil(m * chosen["nbits"] / 8)
             return IndexChoice("ivfpq", chosen, needed,
                                f"a flat index would need {format_size(flat_bytes)}, more than {format_size(budget)}: "
-                               f"ivfpq with {code}-byte codes (m={m}, nbits={chosen['nbits']}, nlist={chosen['nlist']}) "
-                               f"needs {format_size(needed)}")
+                               f"ivfpq with {code}-byte codes (m={m}, nbits={chosen['nbits']}, "
+                               f"nlist={chosen['nlist']}) needs {format_size(needed)}")
     smallest = index_bytes("ivfpq", n, dim, {**base, "m": candidates[-1] if candidates else 1})
     raise ValueError(f"no index of {n:,} {dim}-d vectors fits in --max-memory {format_size(budget)}: the smallest "
                      f"ivfpq needs {format_size(smallest)} (a flat one {format_size(flat_bytes)})")

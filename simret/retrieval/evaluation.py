@@ -233,8 +233,8 @@ def _describe(encoder: Any, dataset: Any, distractors: Any, settings: EvalSettin
         described.distractor_name = distractors.name
         timings["distractors"] = time.monotonic() - mark
         if len(described.distractor_rows) < n_dis:
-            log.warning("%d of %d distractors could not be read and are left out", n_dis - len(described.distractor_rows),
-                        n_dis)
+            log.warning("%d of %d distractors could not be read and are left out",
+                        n_dis - len(described.distractor_rows), n_dis)
     return described
 
 

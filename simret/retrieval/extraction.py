@@ -156,9 +156,10 @@ def iter_extract(encoder: Any, root: PathLike, ids: Sequence[str], *, boxes: Opt
 
 
 def extract(encoder: Any, root: PathLike, ids: Sequence[str], *, boxes: Optional[Sequence[Optional[Box]]] = None,
-            scales: Sequence[float] = (1.0,), max_size: Optional[int] = 1024, batch_size: BatchSize = DEFAULT_BATCH_SIZE,
-            workers: Optional[int] = None, device: Any = None, precision: Optional[str] = None, compile: Any = None,
-            half: bool = False, progress: bool = True) -> ExtractResult:
+            scales: Sequence[float] = (1.0,), max_size: Optional[int] = 1024,
+            batch_size: BatchSize = DEFAULT_BATCH_SIZE, workers: Optional[int] = None, device: Any = None,
+            precision: Optional[str] = None, compile: Any = None, half: bool = False,
+            progress: bool = True) -> ExtractResult:
     """Global descriptors of the images ``root/<id>``.
 
     Args:

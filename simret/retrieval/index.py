@@ -258,7 +258,8 @@ class Index:
         ivf = self._ivf()
         if ivf is not None and not self.on_gpu:
             ivf.make_direct_map()
-        return np.stack([self.faiss.reconstruct(int(i)) for i in rows]) if rows.size else np.zeros((0, self.dim), np.float32)
+        return (np.stack([self.faiss.reconstruct(int(i)) for i in rows]) if rows.size
+                else np.zeros((0, self.dim), np.float32))
 
     # properties
 

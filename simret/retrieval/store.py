@@ -241,7 +241,8 @@ class StoreWriter:
         """Add ``descriptors (n, D)`` for ``ids`` (and the ``states`` of their files, if known)."""
         descriptors = _check_rows(descriptors, ids)
         if descriptors.shape[0] and descriptors.shape[1] != self.dim:
-            raise StoreError(f"cannot write {descriptors.shape[1]}-d descriptors into the {self.dim}-d store {self.path}")
+            raise StoreError(f"cannot write {descriptors.shape[1]}-d descriptors into the {self.dim}-d store "
+                             f"{self.path}")
         n = descriptors.shape[0]
         if n == 0:
             return
@@ -397,7 +398,8 @@ class StoreReader:
             self._handle.close()
             if isinstance(err, StoreError):
                 raise
-            raise StoreError(f"{self.path} is damaged: its HDF5 structure cannot be read ({_first_line(err)})") from None
+            raise StoreError(f"{self.path} is damaged: its HDF5 structure cannot be read "
+                             f"({_first_line(err)})") from None
         except BaseException:
             self._handle.close()
             raise

@@ -119,10 +119,12 @@ class SearchService:
         self._limiter = None
         self._tmp: Optional[tempfile.TemporaryDirectory] = None
         self.has_attention = hasattr(getattr(encoder, "pool", None), "attention")
-        self.metrics.gauge("simret_queue_depth", "Query images waiting for the model thread.", lambda: self.batcher.depth)
+        self.metrics.gauge("simret_queue_depth", "Query images waiting for the model thread.",
+                           lambda: self.batcher.depth)
         self.metrics.gauge("simret_index_images", "Images in the generation being served.",
                            lambda: self.holder.current.count)
-        self.metrics.gauge("simret_reloads_total", "Generations swapped in since the start.", lambda: self.holder.reloads)
+        self.metrics.gauge("simret_reloads_total", "Generations swapped in since the start.",
+                           lambda: self.holder.reloads)
         self.metrics.gauge("simret_thumbnail_cache_hits_total", "Thumbnails answered from the cache.",
                            lambda: self.thumbnails.hits)
 
@@ -430,7 +432,8 @@ def _validation_message(err) -> str:
         where = [str(p) for p in problem.get("loc", ()) if p not in ("query", "body", "path")]
         name = ".".join(where) or "request"
         if problem.get("type") == "missing":
-            parts.append(f"{name}: missing" + (" (send the image as multipart field 'image')" if name == "image" else ""))
+            parts.append(f"{name}: missing"
+                         + (" (send the image as multipart field 'image')" if name == "image" else ""))
         else:
             parts.append(f"{name}: {problem.get('msg', 'invalid')}")
     return "; ".join(parts) or "invalid request"

@@ -5,9 +5,9 @@ id would add a column or a row. ``escape_field`` writes them as PostgreSQL's tex
 does: a backslash becomes ``\\``, a tab ``\t``, a newline ``\n``, a carriage return ``\r``; any other
 control character (U+0000–U+001F, U+007F, U+0080–U+009F, and the line/paragraph separators U+2028/U+2029
 that some readers take as line breaks) becomes ``\xHH`` or ``\uHHHH``, as do the lone surrogates by which
-Python spells file-name bytes that are not UTF-8 (they could not be printed otherwise). Everything else, non-ASCII letters
-included, is printed as it is. ``unescape_field`` reverses it exactly; ``jsonl`` output needs neither (JSON
-escapes strings itself).
+Python spells file-name bytes that are not UTF-8 (they could not be printed otherwise). Everything else,
+non-ASCII letters included, is printed as it is. ``unescape_field`` reverses it exactly; ``jsonl`` output
+needs neither (JSON escapes strings itself).
 """
 from __future__ import annotations
 

@@ -54,8 +54,9 @@ def assemble_store(path: Path, plan: Plan, kept: List[int], previous: Previous, 
     entries = [plan.entries[i] for i in kept]
     ids = [e.image_id for e in entries]
     dim = int(attrs["dim"])
-    if previous.store is not None and plan.reuses_all(previous, kept) and not plan.digests_added and previous.format_version >= 2 \
-            and previous.store.has_file_states and previous.states_intact and previous.attrs.get("root") == str(plan.root):
+    if previous.store is not None and plan.reuses_all(previous, kept) and not plan.digests_added \
+            and previous.format_version >= 2 and previous.store.has_file_states and previous.states_intact \
+            and previous.attrs.get("root") == str(plan.root):
         link_file(previous.store.path, path)
         return Assembled(ids, entries, dim, str(previous.attrs.get("generation")), "linked", 0)
     if previous.store is not None and _extendable(plan, kept, previous):

@@ -53,8 +53,9 @@ class CheckReport:
         lines += [f"  note: {note}" for note in self.notes]
         lines += [f"  PROBLEM: {problem}" for problem in self.problems]
         if not self.ok:
-            lines.append(f"  repair: simret check {self.path} --repair rebuilds index, whitening and meta.json from the "
-                         f"stored descriptors; images that changed or vanished need your simret index command again")
+            lines.append(f"  repair: simret check {self.path} --repair rebuilds index, whitening and meta.json "
+                         f"from the stored descriptors; images that changed or vanished need your simret index "
+                         f"command again")
         return "\n".join(lines)
 
 

@@ -93,8 +93,9 @@ class Checkpoints:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise
         except OSError as err:
-            raise write_failure(self.folder / name, err, f"the index in {self.folder.parent} is unchanged; run the same "
-                                                         f"command again once the problem is fixed") from None
+            raise write_failure(self.folder / name, err, f"the index in {self.folder.parent} is unchanged; "
+                                                         f"run the same command again once the problem is fixed"
+                                ) from None
         self.pending_keys, self.pending_rows, self.pending_states = [], [], []
         self.last_write = time.monotonic()
 

@@ -144,9 +144,9 @@ def _open_store(previous: Previous, generation: Generation) -> None:
     unknown = store.damaged_rows(FILE_STATE_SETS) if store.has_file_states else []
     previous.states_ok = _intact(store.count, unknown)
     if unknown:
-        previous.problems.append(f"{generation.shown(STORE)} is damaged (the file states of rows {_shown(unknown)} fail "
-                                 f"their checksums; their descriptors are intact, their images are described again "
-                                 f"when listed)")
+        previous.problems.append(f"{generation.shown(STORE)} is damaged (the file states of rows {_shown(unknown)} "
+                                 f"fail their checksums; their descriptors are intact, their images are described "
+                                 f"again when listed)")
     previous.states = store.file_states(tolerate_damage=bool(unknown))
 
 

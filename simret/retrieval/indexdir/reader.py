@@ -150,8 +150,8 @@ class IndexDir:
     def index(self) -> Index:
         if self._index is None:
             if not self.searchable:
-                raise ValueError(f"{self.path} keeps descriptors only (--index none, e.g. simret eval's cache): build a "
-                                 f"searchable index with simret index --index flat|ivfpq|hnsw|auto")
+                raise ValueError(f"{self.path} keeps descriptors only (--index none, e.g. simret eval's cache): "
+                                 f"build a searchable index with simret index --index flat|ivfpq|hnsw|auto")
             self._index = self._load_index()
         return self._index
 

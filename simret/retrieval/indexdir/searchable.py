@@ -134,8 +134,8 @@ def _whitening(generation: NewGeneration, assembled: Assembled, previous: Previo
             whitening = PCAWhitening.learn_streaming((block for _, block in store.blocks()), dim)
     else:
         whitening = learn_whitening_on(source, encoder, dim=dim, scales=settings.scales, max_size=settings.max_size,
-                                       batch_size=settings.batch_size, workers=settings.workers, precision=settings.precision,
-                                       progress=progress)
+                                       batch_size=settings.batch_size, workers=settings.workers,
+                                       precision=settings.precision, progress=progress)
     _saving(generation.path(WHITENING_FILE), whitening.save)
     return whitening, {**whitening.describe(), "learned_on": source}, False
 
@@ -332,5 +332,6 @@ def same_index_settings(meta: Dict[str, Any], settings: Any) -> bool:
     same_whitening = old.get("kind", "none") == wanted["kind"] and (
         wanted["kind"] == "none" or (old.get("learned_on") == wanted["learned_on"]
                                      and (settings.whiten_dim is None or old.get("out_dim") == settings.whiten_dim)))
-    same_budget = index.get("max_memory") == settings.max_memory and index.get("max_latency_ms") == settings.max_latency_ms
+    same_budget = (index.get("max_memory") == settings.max_memory
+                   and index.get("max_latency_ms") == settings.max_latency_ms)
     return same_index and same_whitening and same_budget and recorded_precision(meta) == settings.precision
