@@ -3,14 +3,11 @@ equals flat search, memory budgets, memory-mapped indexes, shards + merge equal 
 
 Tiny block and chunk sizes force every streamed path through many blocks."""
 import json
-import warnings
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from cli_run import run
 
-from simret.cli import cli
-from simret.models import RandomWeightsWarning
 from simret.retrieval import store as store_module
 from simret.retrieval.budget import choose_index, index_bytes, parse_size
 from simret.retrieval.exact import RunningTopK, exact_search, recall_at
@@ -43,13 +40,6 @@ def tiny_blocks(monkeypatch):
     monkeypatch.setattr(store_module, "BLOCK_BYTES", 3 * 64 * 4)
 
 
-def run(*args, ok=True):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RandomWeightsWarning)
-        result = CliRunner().invoke(cli, [str(a) for a in args])
-    if ok:
-        assert result.exit_code == 0, (result.output, result.exception)
-    return result
 
 
 @pytest.fixture(scope="module")

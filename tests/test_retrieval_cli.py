@@ -9,9 +9,8 @@ import warnings
 import h5py
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from cli_run import run
 
-from simret.cli import cli
 from simret.models import RandomWeightsWarning, create_encoder
 from simret.retrieval import IndexDir, IndexSettings, build_index, extract
 from simret.retrieval.indexdir import PARTIAL
@@ -43,13 +42,6 @@ def encoder():
         return create_encoder("test_resnet", weights=None)
 
 
-def run(*args, ok=True):
-    with warnings.catch_warnings():  # module-scoped fixtures run outside conftest's filter
-        warnings.simplefilter("ignore", RandomWeightsWarning)
-        result = CliRunner().invoke(cli, [str(a) for a in args])
-    if ok:
-        assert result.exit_code == 0, (result.output, result.exception)
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -15,15 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")  # the test client
 
+from cli_run import run  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from simret.cli import cli  # noqa: E402
 from simret.models import RandomWeightsWarning  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,13 +30,6 @@ MODEL = ["--model", "test_resnet", "--weights", "none"]
 QUERY = "query_chelsea_q0.jpg"
 
 
-def run(*args, ok=True):
-    with warnings.catch_warnings():  # module-scoped fixtures run outside conftest's filter
-        warnings.simplefilter("ignore", RandomWeightsWarning)
-        result = CliRunner().invoke(cli, [str(a) for a in args])
-    if ok:
-        assert result.exit_code == 0, (result.output, result.exception)
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -13,22 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from cli_run import run
 
-from simret.cli import cli
 from simret.models import RandomWeightsWarning
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ["--model", "test_resnet", "--weights", "none"]
 
 
-def run(*args, ok=True):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RandomWeightsWarning)
-        result = CliRunner().invoke(cli, [str(a) for a in args])
-    if ok:
-        assert result.exit_code == 0, (result.output, result.exception)
-    return result
 
 
 @pytest.fixture(scope="module")

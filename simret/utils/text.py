@@ -44,3 +44,8 @@ def _unescape_one(match: re.Match[str]) -> str:
 def unescape_field(text: str) -> str:
     """The original of an ``escape_field`` output: ``unescape_field(escape_field(s)) == s`` for every str."""
     return _ESCAPE.sub(_unescape_one, text)
+
+
+def count(n: int, noun: str, plural: str = "") -> str:
+    """``"1 image"``, ``"3 images"``: a number with its noun in the right form (``plural`` if not noun + s)."""
+    return f"{n} {noun if n == 1 else (plural or noun + 's')}"

@@ -44,6 +44,7 @@ from simret.utils.filestate import file_checksum
 from simret.utils.locking import writer_lock
 from simret.utils.logs import get_logger
 from simret.utils.skipped import format_skipped
+from simret.utils.text import count
 
 log = get_logger(__name__)
 PathLike = Union[str, os.PathLike]
@@ -337,13 +338,14 @@ def _held(previous: Previous) -> str:
 
 def _log_plan(plan: Plan, previous: Previous, append: bool) -> None:
     todo = len(plan.todo)
-    log.info("%d images listed: %d to describe (%d changed since they were indexed), %d already done%s%s", plan.listed,
-             todo, plan.redescribed, len(plan.entries) - todo,
+    log.info("%s listed: %d to describe (%d changed since they were indexed), %d already done%s%s",
+             count(plan.listed, "image"), todo, plan.redescribed, len(plan.entries) - todo,
              f", {len(previous.ids)} in the index" if append else "",
-             f"; {len(plan.removed)} no longer listed leave the index" if plan.removed else "")
+             f"; {count(len(plan.removed), 'image')} no longer listed or present leave the index" if plan.removed
+             else "")
     if plan.lost:
-        log.warning("%d damaged entries are not listed by this run and cannot be described again: they leave the "
-                    "index", plan.lost)
+        log.warning("%s not listed by this run cannot be described again: they leave the index",
+                    count(plan.lost, "damaged entry", "damaged entries"))
 
 
 def _skipped(plan: Plan, described: Described, previous: Previous, append: bool) -> List[Tuple[str, str]]:
@@ -416,7 +418,7 @@ def _meta_record(generation: NewGeneration, generation_id: str, sequence: int, p
     meta = previous.meta or {}
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     sources = list(dict.fromkeys([*meta.get("sources", [meta["root"]] if meta.get("root") else []),
-                                  str(plan.root)]))
+                                  str(plan.root), str(plan.listing_root or plan.root)]))
     files = {"descriptors": {"name": STORE, "bytes": generation.path(STORE).stat().st_size,
                              "integrity": "hdf5-fletcher32"}}
     for key, name, present, linked in (("index", INDEX_FILE, searchable.index is not None,

@@ -42,6 +42,7 @@ class CheckReport:
     problems: List[str] = field(default_factory=list)
     facts: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)  # harmless findings (leftovers the next write removes)
+    store_damaged: bool = False  # descriptor rows lost: only describing the images again brings them back
 
     @property
     def ok(self) -> bool:
@@ -52,7 +53,10 @@ class CheckReport:
         lines += [f"  {fact}" for fact in self.facts]
         lines += [f"  note: {note}" for note in self.notes]
         lines += [f"  PROBLEM: {problem}" for problem in self.problems]
-        if not self.ok:
+        if not self.ok and self.store_damaged:
+            lines.append("  repair: run your simret index command again: it describes the damaged entries again "
+                         f"(simret check {self.path} --repair would drop them)")
+        elif not self.ok:
             lines.append(f"  repair: simret check {self.path} --repair rebuilds index, whitening and meta.json "
                          f"from the stored descriptors; images that changed or vanished need your simret index "
                          f"command again")
@@ -72,6 +76,7 @@ def check_index_dir(path: PathLike, *, images: bool = True, verify_content: bool
     previous = load_previous(out, quiet=True)
     try:
         report.problems.extend(previous.problems)
+        report.store_damaged = previous.store is None or not bool(previous.usable.all())
         if previous.meta is not None:
             _describe(report, previous)
             _check_index(report, previous)

@@ -199,7 +199,7 @@ def summary_lines(meta: Dict[str, Any]) -> List[str]:
              f"images      {meta['count']} ({meta.get('skipped', 0)} skipped), root {meta['root']}"
              + (f"; sources {', '.join(meta['sources'])}" if len(meta.get("sources", [])) > 1 else ""),
              f"encoder     {meta['fingerprint']} (model {meta['model'].get('arch')}, weights "
-             f"{meta['model'].get('weights')}), scales {meta['scales']}, max size {meta['max_size']}",
+             f"{meta['model'].get('weights')}), scales {meta['scales']}, max size {meta['max_size'] or 'as stored'}",
              f"index       {index['kind']} {index.get('params', {})}, {index['dim']}-d, "
              f"{index.get('bytes_per_vector', 0):g} bytes/vector; whitening {whitening.get('kind', 'none')}"]
     if index.get("choice"):

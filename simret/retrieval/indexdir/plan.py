@@ -52,6 +52,7 @@ class Plan:
     kept_missing: int = 0  # ids no longer listed that --keep-missing keeps
     lost: int = 0  # damaged rows that are not listed, so cannot be described again
     digests_added: int = 0  # digests computed now for stored images that had none
+    listing_root: Optional[Path] = None  # the folder this run listed (another one than ``root`` with --append)
 
     @property
     def todo(self) -> List[int]:
@@ -101,7 +102,7 @@ def make_plan(listing_root: Path, listed: Sequence[str], previous: Previous, fou
     old_root = previous.root or index_root
     stored = {path_key(old_root, image_id): row for row, image_id in enumerate(previous.ids)}
     listed_rows = {key: i for i, key in enumerate(keys)}
-    plan = Plan(index_root, [], FileStates.unknown(0), len(keys))
+    plan = Plan(index_root, [], FileStates.unknown(0), len(keys), listing_root=Path(listing_root))
     states: List[FileStates] = []
 
     def add_listed(i: int) -> None:
