@@ -8,26 +8,17 @@ import warnings
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")  # the test client
 
+from cli_run import run  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from simret.cli import cli  # noqa: E402
 from simret.models import RandomWeightsWarning  # noqa: E402
 
 MODEL = ["--model", "test_resnet", "--weights", "none"]
-
-
-def run(*args, code=0):
-    with warnings.catch_warnings():  # module-scoped fixtures run outside conftest's filter
-        warnings.simplefilter("ignore", RandomWeightsWarning)
-        result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert result.exit_code == code, (result.output, result.exception)
-    return result
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -358,9 +349,7 @@ def test_serve_help_teaches_support():
 ])
 def test_bad_support_options_are_one_line_errors(index_dir, digits, args, needle):
     args = [str(digits / "support") if a == "SUPPORT" else a for a in args]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RandomWeightsWarning)
-        result = CliRunner().invoke(cli, ["serve", str(index_dir), "--port", "0", *args])
+    result = run("serve", index_dir, "--port", "0", *args, ok=False)
     assert result.exit_code in (1, 2) and "Traceback" not in result.output
     lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(lines) == 1 and needle in lines[0], result.output
