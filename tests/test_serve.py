@@ -99,7 +99,7 @@ def test_health_names_the_generation_served(client, index_dir):
     meta = json.loads((index_dir / "meta.json").read_text())
     body = client.get("/health").json()
     assert body == {"status": "ok", "count": 37, "fingerprint": meta["fingerprint"],
-                    "generation": meta["generation"], "attention": True}
+                    "generation": meta["generation"], "attention": True, "classify": None}
 
 
 @pytest.mark.parametrize("options", [

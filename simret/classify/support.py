@@ -134,27 +134,33 @@ class SupportClassifier:
             log.warning("%s skipped: %s", names[index], reason)
         return self.classify_features(features, [names[i] for i in kept])
 
-    def classify_features(self, features: Any, names: Sequence[str]) -> List[Prediction]:
-        """Predictions for already-extracted features ``(Q, D)`` (this encoder's, not normalised)."""
+    def classify_features(self, features: Any, names: Sequence[str], *, top: Optional[int] = None
+                          ) -> List[Prediction]:
+        """Predictions for already-extracted features ``(Q, D)`` (this encoder's, not normalised); ``top``:
+        how many best classes each lists (default: the classifier's)."""
         import torch
 
+        if top is not None and int(top) < 1:
+            raise ValueError(f"top must be at least 1, got {top}")
         query = np.asarray(features, dtype=np.float32)
         if query.ndim != 2 or query.shape[1] != self.bank.dim or query.shape[0] != len(names):
             raise ValueError(f"expected features ({len(names)}, {self.bank.dim}), got shape {query.shape}")
         if not query.shape[0]:
             return []
-        support = torch.from_numpy(self.bank.features)[None]  # (1, S, D)
+        # float64: distances by the |q|² + |c|² - 2q·c expansion cancel badly in float32 (errors ~1e-5 that vary
+        # with the number of images classified together); in float64 an image's scores never depend on the others
+        support = torch.from_numpy(self.bank.features).double()[None]  # (1, S, D)
         labels = torch.from_numpy(self.bank.labels)[None]  # (1, S)
         with torch.inference_mode():
-            scores = self.method(support, labels, torch.from_numpy(query)[None], n_way=self.split.n_classes)
-        return self._predictions(np.asarray(scores[0], dtype=np.float64), names)
+            scores = self.method(support, labels, torch.from_numpy(query).double()[None], n_way=self.split.n_classes)
+        return self._predictions(np.asarray(scores[0], dtype=np.float64), names, self.top if top is None else int(top))
 
-    def _predictions(self, scores: np.ndarray, names: Sequence[str]) -> List[Prediction]:
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :min(self.top, scores.shape[1])]
+    def _predictions(self, scores: np.ndarray, names: Sequence[str], top: int) -> List[Prediction]:
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :min(top, scores.shape[1])]
         out = []
         for name, row, best in zip(names, scores, order):
-            top = [(self.split.classes[c], float(row[c])) for c in best]
-            out.append(Prediction(str(name), top[0][0], top[0][1], top, self.method_name))
+            listed = [(self.split.classes[c], float(row[c])) for c in best]
+            out.append(Prediction(str(name), listed[0][0], listed[0][1], listed, self.method_name))
         return out
 
 

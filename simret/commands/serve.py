@@ -1,6 +1,7 @@
 """``simret serve``: a search service and a web page over an index directory (FastAPI + uvicorn)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import click
@@ -35,11 +36,21 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
               help="Seconds between checks for a new generation of DIR (simret index --append); 0: only on SIGHUP.")
 @click.option("--rerank", type=click.IntRange(0, 1000), default=16, show_default=True, metavar="R",
               help="ivfpq indexes: re-score the top k·R candidates with the exact stored descriptors (0: off).")
+@click.option("--support", type=click.Path(path_type=Path), default=None, metavar="SUPPORT_DIR",
+              help="Add POST /classify: label uploads from the examples in SUPPORT_DIR/<class>/<images>, as "
+                   "simret classify does (support features extracted at start with the index's encoder, cached).")
+@click.option("--support-method", default=None, metavar="NAME",
+              help="How /classify scores: protonet (default), cosine, simpleshot or logreg (as simret classify "
+                   "--method).")
+@click.option("--base-mean", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE",
+              help="simpleshot/logreg with --support: the base mean to subtract (CL2N), a .npy vector or a "
+                   "features-<split>.h5 bank (as simret classify --base-mean).")
 @model_options
 @click.pass_context
 def serve(ctx: click.Context, index_dir: str, host: str, port: int, token: Optional[str], cors: Tuple[str, ...],
           workers: Optional[int], batch_size: int, batch_wait_ms: float, max_upload_mb: float,
-          reload_interval: float, rerank: int, model_spec: Dict[str, Any]) -> None:
+          reload_interval: float, rerank: int, support: Optional[Path], support_method: Optional[str],
+          base_mean: Optional[Path], model_spec: Dict[str, Any]) -> None:
     """Serve the index DIR over HTTP until Ctrl-C (or SIGTERM): a JSON search API and a search page.
 
     \b
@@ -51,7 +62,9 @@ def serve(ctx: click.Context, index_dir: str, host: str, port: int, token: Optio
     \b
     Routes: GET / (the page), GET /health, POST /search (multipart field 'image'; k, bbox, qe, alpha),
     GET /search?id=ID&k=K, GET /images/ID, GET /thumbnails/ID?size=256, GET /attention?id=ID,
-    POST /attention, GET /metrics (Prometheus), GET /docs (API page).
+    POST /attention, GET /metrics (Prometheus), GET /docs (API page); with --support, POST /classify
+    (multipart field 'image'; top): {"image", "class", "score", "top", "method"}, as
+    simret classify SUPPORT_DIR IMAGE --format jsonl.
 
     \b
     Examples:
@@ -59,18 +72,21 @@ def serve(ctx: click.Context, index_dir: str, host: str, port: int, token: Optio
       curl -F image=@query.jpg 'http://127.0.0.1:8080/search?k=5'
       SIMRET_SERVE_TOKEN=s3cret simret serve idx/ --host 0.0.0.0 --port 8000
       simret -v serve idx/ --batch-size 32   # -v: one log line per request
+      simret serve idx/ --support pets/ --support-method logreg
+      curl -F image=@photo.jpg 'http://127.0.0.1:8080/classify?top=3'
     """
     import socket
 
     from simret.utils.logs import get_logger
 
     log = get_logger("simret.serve")
+    _check_support_options(support, support_method, base_mean)
     if host not in LOOPBACK and not token:
         click.echo(f"Warning: listening on {host} without --token: anyone who can reach this machine can search "
                    f"the index and read its images. Pass --token (or $SIMRET_SERVE_TOKEN).", err=True)
     app = _build_app(ctx, index_dir, model_spec, token=token, cors=list(cors), threads=workers, batch_size=batch_size,
                      batch_wait_ms=batch_wait_ms, max_upload_mb=max_upload_mb, reload_interval=reload_interval,
-                     rerank=rerank)
+                     rerank=rerank, support=support, support_method=support_method, base_mean=base_mean)
     try:
         sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
                                     reuse_port=False)
@@ -82,7 +98,27 @@ def serve(ctx: click.Context, index_dir: str, host: str, port: int, token: Optio
     shown = f"[{host}]" if ":" in host else host
     log.info("serving %s (%d images, generation %s) on http://%s:%d/ (API page: /docs); Ctrl-C stops",
              index_dir, loaded.count, loaded.generation, shown, bound)
+    if support is not None:
+        log.info("POST /classify labels uploads from %s", app.state.service.support.classifier.describe())
     _run(app, sock, verbose=getattr(ctx.obj, "verbosity", 0) > 0 if ctx.obj else False)
+
+
+def _check_support_options(support: Optional[Path], method: Optional[str], base_mean: Optional[Path]) -> None:
+    """--support-method and --base-mean need --support; a bad support folder or method fails before any model is
+    built (as in simret classify)."""
+    if support is None:
+        if method is not None or base_mean is not None:
+            name = "--support-method" if method is not None else "--base-mean"
+            raise click.UsageError(f"{name} applies to /classify: add --support SUPPORT_DIR")
+        return
+    import numpy as np
+
+    from simret.classify.support import DEFAULT_METHOD, build_method, load_support
+
+    load_support(support)
+    build_method(method or DEFAULT_METHOD, None if base_mean is None else np.zeros(1, dtype=np.float32), quiet=True)
+    if base_mean is not None and not base_mean.is_file():
+        raise FileNotFoundError(f"no such base-mean file: {base_mean} (a .npy vector or a features-<split>.h5 bank)")
 
 
 def _build_app(ctx: click.Context, index_dir: str, model_spec: Dict[str, Any], **options: Any):

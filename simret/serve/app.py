@@ -2,7 +2,8 @@
 
 Routes (JSON unless said otherwise; errors are ``{"error": "..."}`` with 400/401/404/413/415/503):
 
-    GET  /health                      {"status", "count", "fingerprint", "generation", "attention"} (no token)
+    GET  /health                      {"status", "count", "fingerprint", "generation", "attention", "classify"}
+                                      (no token)
     POST /search?k=&bbox=&qe=&alpha=  multipart field ``image`` → {"query", "ids", "scores"}, as
                                       ``simret search DIR IMAGE --format jsonl``
     GET  /search?id=ID&k=             "more like this" from the stored descriptor of an indexed image
@@ -10,6 +11,9 @@ Routes (JSON unless said otherwise; errors are ``{"error": "..."}`` with 400/401
     GET  /thumbnails/{id}?size=256    JPEG thumbnail (cached)
     GET  /attention?id=ID             SimPool attention overlay (PNG) of an indexed image
     POST /attention                   the same for an uploaded image (multipart field ``image``)
+    POST /classify?top=3              with a support set (``support=``): multipart field ``image`` →
+                                      {"image", "class", "score", "top", "method"}, as
+                                      ``simret classify SUPPORT_DIR IMAGE --format jsonl``; else 404
     GET  /metrics                     Prometheus text
     GET  /docs, /openapi.json         the framework's API page
     GET  /                            the search page (simret/serve/static)
@@ -34,6 +38,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from simret.serve.batcher import ImageRejected, MicroBatcher, QueueFull
+from simret.serve.classify import DEFAULT_TOP, OFF_MESSAGE, SupportSet, load_support_set
 from simret.serve.files import THUMBNAIL_SIZES, ThumbnailCache, indexed_file
 from simret.serve.metrics import CONTENT_TYPE, Metrics
 from simret.serve.state import IndexHolder, LoadedIndex, Poller, load_index
@@ -96,7 +101,7 @@ class SearchService:
 
     def __init__(self, index_dir: PathLike, encoder: Any, device: Any, *, batch_size: int, batch_wait: float,
                  max_queue: int, reload_interval: float, threads: int, rerank: int, max_k: int,
-                 thumbnail_cache_mb: float) -> None:
+                 thumbnail_cache_mb: float, support: Optional[SupportSet] = None) -> None:
         from simret.retrieval.queries import describe_queries
 
         self.path = Path(index_dir).expanduser()
@@ -107,12 +112,14 @@ class SearchService:
         self.holder = IndexHolder(self.path, lambda: load_index(self.path, encoder.fingerprint, rerank=rerank))
         self.poller = Poller(self.holder, reload_interval)
         self.reload_interval = reload_interval
+        self.support = support
 
         def describe(paths: List[str], boxes: List[Any], meta: Dict[str, Any]):
             return describe_queries(encoder, meta, paths, boxes=boxes if any(b is not None for b in boxes) else None,
                                     batch_size=len(paths), workers=0, device=device)
 
-        self.batcher = MicroBatcher(describe, max_batch=batch_size, max_wait=batch_wait, max_queue=max_queue,
+        self.batcher = MicroBatcher(describe, embed=support.embed if support is not None else None,
+                                    max_batch=batch_size, max_wait=batch_wait, max_queue=max_queue,
                                     on_batch=self.metrics.batch)
         self.thumbnails = ThumbnailCache(int(thumbnail_cache_mb * 2 ** 20))
         self.threads = threads
@@ -127,6 +134,8 @@ class SearchService:
                            lambda: self.holder.reloads)
         self.metrics.gauge("simret_thumbnail_cache_hits_total", "Thumbnails answered from the cache.",
                            lambda: self.thumbnails.hits)
+        self.metrics.gauge("simret_classify_classes", "Classes of the support set /classify answers with (0: off).",
+                           lambda: self.support.n_classes if self.support is not None else 0)
 
     # ------------------------------------------------------------------ life cycle
 
@@ -174,8 +183,19 @@ class SearchService:
 
     async def describe(self, path: Path, box, loaded: LoadedIndex):
         """Raw descriptor ``(1, D)`` of an image file, through the micro-batching model thread."""
+        return await self._queued(lambda: self.batcher.describe_image(str(path), box, loaded.meta))
+
+    async def embed(self, path: Path):
+        """Feature ``(1, D)`` of an image file to classify (as the support set's are made), through the
+        micro-batching model thread."""
+        return await self._queued(lambda: self.batcher.embed_image(str(path)))
+
+    @staticmethod
+    async def _queued(submit):
+        """Await the future ``submit()`` puts on the model's queue: a full queue is 503, an unusable image
+        400/413/415 (``rejection_status``)."""
         try:
-            future = self.batcher.describe_image(str(path), box, loaded.meta)
+            future = submit()
         except QueueFull as err:
             raise ApiError(503, str(err), {"Retry-After": "1"}) from None
         try:
@@ -223,7 +243,8 @@ def create_app(index_dir: PathLike, *, encoder: Any = None, device: Any = None, 
                cors: Optional[List[str]] = None, batch_size: int = 16, batch_wait_ms: float = 5.0,
                max_upload_mb: float = 20.0, max_queue: int = 256, reload_interval: float = 2.0,
                threads: Optional[int] = None, rerank: Optional[int] = None, max_k: int = 1000,
-               thumbnail_cache_mb: float = 64.0):
+               thumbnail_cache_mb: float = 64.0, support: Any = None, support_method: Optional[str] = None,
+               base_mean: Any = None):
     """The ASGI application serving the index directory ``index_dir`` (loaded now, in full).
 
     Args:
@@ -242,10 +263,16 @@ def create_app(index_dir: PathLike, *, encoder: Any = None, device: Any = None, 
         rerank: ivfpq re-scoring depth (default: ``simret search``'s).
         max_k: largest ``k`` a request may ask for.
         thumbnail_cache_mb: memory for cached thumbnails.
+        support: adds ``POST /classify``: a folder of examples (``<dir>/<class>/<images>``, as for ``simret
+            classify``; its features are extracted now with ``encoder``, or read from the cache) or a
+            ``simret.classify.SupportClassifier`` made with an encoder of the same fingerprint.
+        support_method: ``protonet`` (default), ``cosine``, ``simpleshot`` or ``logreg`` (a support folder only).
+        base_mean: for ``simpleshot``/``logreg`` (CL2N): a ``(D,)`` array, a ``.npy`` file or a feature bank
+            ``.h5`` (a support folder only).
 
     Raises:
         ValueError, FileNotFoundError: no searchable index in ``index_dir``, or an encoder of another
-            fingerprint.
+            fingerprint; a bad support folder, method or base mean.
     """
     from simret.retrieval.index import DEFAULT_RERANK
 
@@ -258,11 +285,15 @@ def create_app(index_dir: PathLike, *, encoder: Any = None, device: Any = None, 
     elif device is None:
         parameter = next(encoder.parameters(), None)
         device = parameter.device if parameter is not None else "cpu"
+    if support is None and (support_method is not None or base_mean is not None):
+        raise ValueError("support_method and base_mean need a support set (support=...)")
+    support_set = None if support is None else load_support_set(encoder, device, support, method=support_method,
+                                                                 base_mean=base_mean)
     service = SearchService(index_dir, encoder, device, batch_size=batch_size, batch_wait=batch_wait_ms / 1000,
                             max_queue=max_queue, reload_interval=reload_interval,
                             threads=threads or min(8, (os.cpu_count() or 1) + 4),
                             rerank=DEFAULT_RERANK if rerank is None else rerank, max_k=max_k,
-                            thumbnail_cache_mb=thumbnail_cache_mb)
+                            thumbnail_cache_mb=thumbnail_cache_mb, support=support_set)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -313,7 +344,8 @@ def _add_routes(app: FastAPI, service: SearchService) -> None:
     async def health() -> Dict[str, Any]:
         loaded = service.holder.current
         return {"status": "ok", "count": loaded.count, "fingerprint": loaded.index_dir.fingerprint,
-                "generation": loaded.generation, "attention": service.has_attention}
+                "generation": loaded.generation, "attention": service.has_attention,
+                "classify": service.support.health() if service.support is not None else None}
 
     @app.post("/search", summary="Search with an uploaded image (as simret search DIR IMAGE --format jsonl)")
     async def search_upload(image: UploadFile = File(..., description="the query image"),
@@ -389,6 +421,8 @@ def _add_routes(app: FastAPI, service: SearchService) -> None:
         finally:
             path.unlink(missing_ok=True)
 
+    _add_classify_route(app, service)
+
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics():
         return Response(service.metrics.render(), media_type=CONTENT_TYPE)
@@ -399,6 +433,30 @@ def _add_routes(app: FastAPI, service: SearchService) -> None:
                             headers={"Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+
+def _add_classify_route(app: FastAPI, service: SearchService) -> None:
+    """``POST /classify`` with a support set; without one, ``/classify`` answers 404 saying how to enable it."""
+    if service.support is None:
+        @app.api_route("/classify", methods=["GET", "POST"], include_in_schema=False)
+        async def classify_off():
+            raise ApiError(404, OFF_MESSAGE)
+        return
+
+    support = service.support
+
+    @app.post("/classify", summary="Label an uploaded image from the support set "
+                                   "(as simret classify SUPPORT_DIR IMAGE --format jsonl)")
+    async def classify_upload(image: UploadFile = File(..., description="the image to label"),
+                              top: int = Query(DEFAULT_TOP, description="best classes listed")) -> Dict[str, Any]:
+        if not 1 <= top <= service.max_k:
+            raise ApiError(400, f"top must be from 1 to {service.max_k}, got {top}")
+        path = await service.save_upload(image)
+        try:
+            features = await service.embed(path)
+        finally:
+            path.unlink(missing_ok=True)
+        return await service.run(support.answer, features, image.filename or "upload", top)
 
 
 # ---------------------------------------------------------------------------------------- errors

@@ -3,8 +3,9 @@
 Requests put jobs on a bounded queue. The worker takes the first job, then whatever else arrives within
 ``max_wait`` seconds, up to ``max_batch`` images, and describes them in one ``describe_queries`` call
 (images of equal size after resizing share one forward pass; nothing is padded, so a descriptor never
-depends on its batch-mates). Other model work (attention maps) runs on the same thread, one job at a
-time, so the model is never used from two threads nor copied.
+depends on its batch-mates). Images to classify (``embed_image``) are batched the same way, described as
+the support set's images are (``embed``, one fixed input size). Other model work (attention maps) runs
+on the same thread, one job at a time, so the model is never used from two threads nor copied.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -49,6 +50,18 @@ class DescribeJob:
 
 
 @dataclass
+class EmbedJob:
+    """Describe one image file as the support set's images are (``embed``); the future gets ``(1, D)``."""
+
+    path: str
+    future: Future = field(default_factory=Future)
+
+    @property
+    def key(self) -> Hashable:
+        return ("embed",)
+
+
+@dataclass
 class CallJob:
     """Run ``fn()`` on the model thread; the future gets its result."""
 
@@ -64,17 +77,21 @@ class MicroBatcher:
 
     Args:
         describe: ``(paths, boxes, meta) → QueryDescriptors`` (``describe_queries`` bound to the encoder).
+        embed: ``paths → (features (n, D), kept indices, [(index, reason)])`` (``embed_images`` bound to the
+            encoder and the support set's preprocessing); None: ``embed_image`` is refused.
         max_batch: most images per call of ``describe`` (1: no batching).
         max_wait: seconds to wait for more jobs once one has arrived.
         max_queue: most jobs waiting; more are refused with ``QueueFull``.
         on_batch: called with the size of every batch described (metrics).
     """
 
-    def __init__(self, describe: Callable[..., Any], *, max_batch: int = 16, max_wait: float = 0.005,
-                 max_queue: int = 256, on_batch: Optional[Callable[[int], None]] = None) -> None:
+    def __init__(self, describe: Callable[..., Any], *, embed: Optional[Callable[[List[str]], Any]] = None,
+                 max_batch: int = 16, max_wait: float = 0.005, max_queue: int = 256,
+                 on_batch: Optional[Callable[[int], None]] = None) -> None:
         if max_batch < 1:
             raise ValueError(f"batch size must be at least 1, got {max_batch}")
         self.describe = describe
+        self.embed = embed
         self.max_batch = max_batch
         self.max_wait = max(0.0, float(max_wait))
         self.on_batch = on_batch
@@ -92,6 +109,13 @@ class MicroBatcher:
     def describe_image(self, path: str, box: Optional[Sequence[float]], meta: Dict[str, Any]) -> Future:
         """Queue one image; the future resolves to its raw descriptor ``(1, D)`` or raises ``ImageRejected``."""
         return self._put(DescribeJob(path, box, meta))
+
+    def embed_image(self, path: str) -> Future:
+        """Queue one image to classify; the future resolves to its feature ``(1, D)`` (as the support set's
+        are described) or raises ``ImageRejected``."""
+        if self.embed is None:
+            raise RuntimeError("this batcher was made without an embed function")
+        return self._put(EmbedJob(path))
 
     def call(self, fn: Callable[[], Any]) -> Future:
         """Run ``fn()`` on the model thread (between batches)."""
@@ -136,9 +160,9 @@ class MicroBatcher:
             if stop:
                 return
 
-    def _gather(self, first: DescribeJob):
+    def _gather(self, first: Any):
         """The first job and those arriving within ``max_wait``, up to ``max_batch`` (calls set aside)."""
-        batch: List[DescribeJob] = [first]
+        batch: List[Any] = [first]
         calls: List[CallJob] = []
         deadline = time.monotonic() + self.max_wait
         while len(batch) < self.max_batch:
@@ -160,8 +184,9 @@ class MicroBatcher:
                 batch.append(job)
         return batch, calls, False
 
-    def _describe(self, batch: List[DescribeJob]) -> None:
-        groups: Dict[Hashable, List[DescribeJob]] = {}
+    def _describe(self, batch: List[Any]) -> None:
+        """Describe a batch of ``DescribeJob``s and ``EmbedJob``s: one call per group of equal settings."""
+        groups: Dict[Hashable, List[Any]] = {}
         for job in batch:
             groups.setdefault(job.key, []).append(job)
         for jobs in groups.values():
@@ -171,19 +196,28 @@ class MicroBatcher:
             if self.on_batch is not None:
                 self.on_batch(len(live))
             try:
-                described = self.describe([job.path for job in live], [job.box for job in live], live[0].meta)
+                rows, reasons = self._rows(live)
             except Exception as err:  # noqa: BLE001 - every waiting request gets the error, the thread lives on
                 log.exception("describing %d query image(s) failed", len(live))
                 for job in live:
                     job.future.set_exception(err)
                 continue
-            rows = {int(p): row for p, row in zip(described.positions.tolist(), described.descriptors)}
-            reasons = dict(described.failures)
             for position, job in enumerate(live):
                 if position in rows:
                     job.future.set_result(np.asarray(rows[position], np.float32)[None])
                 else:
-                    job.future.set_exception(ImageRejected(reasons.get(job.path, "the image could not be used")))
+                    job.future.set_exception(ImageRejected(reasons.get(position, "the image could not be used")))
+
+    def _rows(self, jobs: List[Any]) -> Tuple[Dict[int, np.ndarray], Dict[int, str]]:
+        """One group's descriptors by position in ``jobs``, and why the others could not be described."""
+        paths = [job.path for job in jobs]
+        if isinstance(jobs[0], EmbedJob):
+            features, kept, failures = self.embed(paths)
+            return {int(i): row for i, row in zip(kept, features)}, {int(i): reason for i, reason in failures}
+        described = self.describe(paths, [job.box for job in jobs], jobs[0].meta)
+        rows = {int(p): row for p, row in zip(described.positions.tolist(), described.descriptors)}
+        by_path = dict(described.failures)
+        return rows, {i: by_path[path] for i, path in enumerate(paths) if path in by_path}
 
 
 def _settle(future: Future, fn: Callable[[], Any]) -> None:

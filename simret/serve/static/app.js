@@ -39,6 +39,7 @@ function showQuery(src, name) {
   $("query-name").dataset.query = name;
   $("box-hint").hidden = !state.file;
   $("overlay").hidden = true;
+  $("query-class").hidden = true;
   drawBox();
 }
 
@@ -47,6 +48,7 @@ function useFile(file) {
   state.file = file; state.id = null; state.box = null;
   showQuery(URL.createObjectURL(file), file.name);
   search();
+  classify(file);
 }
 
 function useId(id) {
@@ -107,6 +109,24 @@ function render(result) {
     item.append(button);
     list.append(item);
   });
+}
+
+// ------------------------------------------------------------------ the class of an uploaded query (--support)
+
+async function classify(file) {
+  if (!state.info || !state.info.classify) return;
+  const form = new FormData();
+  form.append("image", file, file.name);
+  try {
+    const result = await (await api("/classify", { method: "POST", body: form })).json();
+    if (state.file !== file) return; // another query since
+    const others = result.top.slice(1).map((t) => `${t.class} ${t.score.toFixed(4)}`).join(", ");
+    $("query-class").textContent = `class: ${result.class} (${result.score.toFixed(4)}, ${result.method})`
+      + (others ? ` · next: ${others}` : "");
+    $("query-class").hidden = false;
+  } catch (err) {
+    if (state.file === file) status(`classify: ${err.message}`, true);
+  }
 }
 
 // ------------------------------------------------------------------ attention overlay
