@@ -122,7 +122,7 @@ PRECISION_OPTIONS = [
     click.option("--half", is_flag=True, hidden=True,
                  help="Deprecated: --precision bf16 on the CPU, fp16 on a GPU."),
 ]
-COMPILE_CHOICES = ["auto", "on", "off"]
+COMPILE_CHOICES = ["auto", "on", "off", "openvino", "inductor"]
 
 
 def _precision_choice(precision: str, half: bool) -> str:
@@ -161,13 +161,14 @@ def precision_options(command: Callable) -> Callable:
 
 
 def compile_option(command: Callable) -> Callable:
-    """``--compile auto|on|off`` for commands that run an encoder over many images (the command receives
-    ``compile``)."""
+    """``--compile auto|on|off|openvino|inductor`` for commands that run an encoder over many images (the
+    command receives ``compile``)."""
     return click.option("--compile", "compile", type=click.Choice(COMPILE_CHOICES, case_sensitive=False),
                         default="auto", show_default=True,
-                        help="torch.compile the encoder (CNNs; one graph for every image size). auto: once the "
-                             "images left would take longer than compiling saves (tens of seconds on a CPU; "
-                             "logged).")(command)
+                        help="Compile the encoder (CNNs; one graph for every image size): with OpenVINO on a CPU "
+                             "when it is installed (pip install 'simret[openvino]'; about 10 s, then cached), else "
+                             "torch.compile (tens of seconds). auto: once the images left repay the compile time "
+                             "(logged); on: now; openvino/inductor: now, with that backend; off: never.")(command)
 
 
 class BatchSizeType(click.IntRange):
