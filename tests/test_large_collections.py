@@ -73,6 +73,23 @@ def test_running_top_k_over_blocks_equals_a_full_sort():
     assert recall_at(np.array([[1, 2, 9]]), np.array([[1, 2, 3]]), 3) == pytest.approx(2 / 3)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_sampled_rows_are_gathered_in_one_streamed_pass(tmp_path, tiny_blocks, dtype):
+    x = unit_rows(103, 16, seed=5)
+    path = tmp_path / "store.h5"
+    write_store(path, x, [f"{i}.jpg" for i in range(103)], store_attrs(provenance(16), scales=(1.0,)), dtype=dtype)
+    picked = np.sort(np.random.default_rng(1).choice(103, 37, replace=False))
+    with store_module.StoreReader(path) as reader:
+        sampled = reader.sampled_rows(picked)
+        assert sampled.dtype == np.float32 and sampled.shape == (37, 16)
+        np.testing.assert_array_equal(sampled, reader.rows(picked))
+        np.testing.assert_array_equal(reader.sampled_rows([102]), reader.rows([102]))
+        assert reader.sampled_rows(np.zeros(0, np.int64)).shape == (0, 16)
+    with store_module.RowAccess(path) as access:  # closes (unmaps) on exit
+        np.testing.assert_array_equal(access[picked].astype(np.float32), sampled)
+    assert access._map is None and access._rows_at is None
+
+
 def test_store_only_directory_is_searched_exactly_block_by_block(tmp_path, tiny_blocks):
     database = unit_rows(300, 64)
     ids = [f"img{i:03d}.jpg" for i in range(300)]

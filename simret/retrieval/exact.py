@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Optional, Tuple
 import numpy as np
 
 Prepare = Callable[[np.ndarray], np.ndarray]
-SCORES_PER_STEP = 1 << 23  # query × row scores computed at once (32 MB of float32)
+SCORES_PER_STEP = 1 << 21  # query × row scores computed at once (8 MB of float32; with the selection, ~40 MB)
 
 
 class RunningTopK:

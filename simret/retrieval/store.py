@@ -45,7 +45,7 @@ PathLike = Union[str, os.PathLike]
 REQUIRED_ATTRS = ("fingerprint", "arch", "pool", "gamma", "scales", "dim", "simret_version", "created")
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
 STORE_FORMAT = 2  # 2: chunked + fletcher32 + file states (1: contiguous, no checksums)
-BLOCK_BYTES = 64 << 20  # bytes of descriptors per block read or written at once
+BLOCK_BYTES = 16 << 20  # bytes of descriptors per block read or written at once (x2-4 in float32 copies)
 # HDF5 1.10 file format: checksums on the metadata too (superblock, object headers, chunk indexes), so damaged
 # metadata is an error when read instead of a crash, a hang or rows read wrongly (the 1.8 format has none)
 LIBVER = ("v110", "v110")
@@ -507,6 +507,20 @@ class StoreReader:
             block = self._guarded(lambda a=first, b=last: self._table[a:b], "descriptors", (first, last))
             yield first, np.asarray(block, dtype=np.float32)
 
+    def sampled_rows(self, sorted_rows: np.ndarray) -> np.ndarray:
+        """``(R, D)`` float32 rows of ``sorted_rows`` (sorted, distinct), gathered in one streamed pass over the
+        store (``blocks``): many rows scattered over a large store cost one sequential read and a bounded
+        working set, rather than a memory map that ends up resident in full. Checksums verified."""
+        picked = np.asarray(sorted_rows, dtype=np.int64).ravel()
+        out = np.empty((picked.size, self.dim), np.float32)
+        if not picked.size:
+            return out
+        stop = int(picked[-1]) + 1
+        for first, block in self.blocks(start=int(picked[0]), stop=stop):
+            lo, hi = np.searchsorted(picked, [first, first + len(block)])
+            out[lo:hi] = block[picked[lo:hi] - first]
+        return out
+
     def rows(self, indices: Sequence[int]) -> np.ndarray:
         """``(len(indices), D)`` float32 rows in the order given (repeats allowed), checksums verified."""
         order = np.asarray(indices, dtype=np.int64).ravel()
@@ -597,6 +611,7 @@ class RowAccess:
             return
         self._file = open(self.path, "rb")
         self._map = np.memmap(self._file, dtype=np.uint8, mode="r")
+        _advise_random(self._map)
         # every byte offset as the start of one row's bytes (overlapping items): a row gather is one fancy index
         self._rows_at = np.ndarray((len(self._map) - self._row_bytes + 1,), dtype=np.dtype((np.void, self._row_bytes)),
                                    buffer=self._map, offset=0, strides=(1,))
@@ -605,6 +620,19 @@ class RowAccess:
 
     def __len__(self) -> int:
         return self.shape[0]
+
+    def close(self) -> None:
+        """Unmap the file (its pages leave this process's resident memory) and close it."""
+        self._rows_at = self._map = self._table = None
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
+        self._handle.close()
+
+    def __enter__(self) -> RowAccess:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def __getitem__(self, rows: Any) -> np.ndarray:
         index = np.asarray(rows, dtype=np.int64).ravel()
@@ -635,6 +663,19 @@ class RowAccess:
                 raise StoreDamagedError(f"{self.path} is damaged: descriptor rows {first}-{last - 1} fail their "
                                         f"checksum ({_first_line(err)})", [(first, last)]) from None
             self._verified[chunk] = True
+
+
+def _advise_random(mapped: np.memmap) -> None:
+    """Row gathers touch scattered pages: tell the kernel not to read (and map) the pages around each one, so
+    only the rows gathered become resident (else a large store ends up resident in full)."""
+    import mmap
+
+    raw = getattr(mapped, "_mmap", None)
+    if raw is not None and hasattr(raw, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        try:
+            raw.madvise(mmap.MADV_RANDOM)
+        except OSError:  # advice only
+            pass
 
 
 def _chunk_offsets(table: Any, rows_per_chunk: int) -> np.ndarray:

@@ -33,7 +33,7 @@ from simret.retrieval.indexdir.meta import (
     model_record,
 )
 from simret.retrieval.indexdir.names import INDEX_FILE, META, SKIPPED, STORE, WHITENING_FILE
-from simret.retrieval.indexdir.plan import Entry, Plan, make_plan, path_key
+from simret.retrieval.indexdir.plan import Entry, Plan, make_plan
 from simret.retrieval.indexdir.previous import Previous, load_previous
 from simret.retrieval.indexdir.searchable import INDEXED, Searchable, build_searchable, same_index_settings
 from simret.retrieval.indexdir.settings import BuildSummary, IndexSettings
@@ -189,9 +189,9 @@ def build_from_store(out: PathLike, settings: Optional[IndexSettings] = None, *,
                                  f"describe the images again with your simret index command")
             plan = Plan(rows.root or Path(), [], rows.states.take(np.flatnonzero(rows.usable)), len(rows.ids),
                         lost=int((~rows.usable).sum()))
-            for row in np.flatnonzero(rows.usable).tolist():
-                key = path_key(plan.root, rows.ids[row])
-                plan.entries.append(Entry(rows.ids[row], key, row, None, False))
+            for row in np.flatnonzero(rows.usable).tolist():  # nothing is described: the key (a path, only
+                # looked up for images to describe) is the id itself, one string per row at 10M rows and more
+                plan.entries.append(Entry(rows.ids[row], rows.ids[row], row, None, False))
             failed = list(rows.skipped.items())
             attrs = {k: v for k, v in rows.attrs.items() if k not in ("generation", "root", "store_format")}
             return commit_generation(out, plan, list(range(len(plan.entries))), failed, 0, rows, None, attrs,

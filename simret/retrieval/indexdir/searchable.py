@@ -200,8 +200,8 @@ def stream_build(store_path: Path, prepare: Callable[[np.ndarray], np.ndarray], 
     from simret.retrieval.budget import choose_index
 
     with StoreReader(store_path) as store:
-        n, rows = store.count, store.row_access()
-        dim = prepare(np.asarray(rows[[0]], np.float32)).shape[1]
+        n = store.count
+        dim = prepare(store.rows([0])).shape[1]
         reason = ""
         if max_memory:
             choice = choose_index(n, dim, max_memory, kind, params)
@@ -211,8 +211,8 @@ def stream_build(store_path: Path, prepare: Callable[[np.ndarray], np.ndarray], 
         log.info("building an index (%s) over %d %d-d descriptors", resolved, n, dim)
         index = Index.create(dim, resolved, n_hint=n, **params)
         if not index.faiss.is_trained:
-            picked = _sample(n, index.train_size(n))
-            index.train(prepare(np.asarray(rows[picked], np.float32)), train_size=len(picked), seed=SAMPLE_SEED)
+            picked = _sample(n, index.train_size(n))  # sorted: gathered in one streamed pass
+            index.train(prepare(store.sampled_rows(picked)), train_size=len(picked), seed=SAMPLE_SEED)
     _fill(index, store_path, prepare)
     return index, reason
 
@@ -253,21 +253,19 @@ def measure_recall(index: Index, store_path: Path, prepare: Callable[[np.ndarray
         if k < 1:
             return {}
         rows = _sample(n, min(n_queries, n), seed=SAMPLE_SEED + 1)
-        access = store.row_access()
-        queries = prepare(np.asarray(access[rows], np.float32))
+        queries = prepare(store.sampled_rows(rows))
         _, truth = exact_search(store.blocks(), queries, k, prepare=prepare, exclude=rows)
 
-        def exact_vectors(picked: np.ndarray) -> np.ndarray:
-            return prepare(np.asarray(access[picked], np.float32))
-
-        def without_self(found: np.ndarray) -> np.ndarray:
-            return np.stack([r[r != q][:k] for r, q in zip(found, rows)])
+        def without_self(found: np.ndarray, own: np.ndarray) -> np.ndarray:
+            return np.stack([r[r != q][:k] for r, q in zip(found, own)])
 
         record = {"recall_queries": int(len(rows)), "recall_measured_at": int(n)}
-        record["recall_at_10"] = round(recall_at(without_self(index.search(queries, k + 1, rerank=0)[1]), truth, k), 4)
-        if index.kind == "ivfpq":
-            found = index.search(queries, k + 1, exact=exact_vectors)[1]
-            record["recall_at_10_rescored"] = round(recall_at(without_self(found), truth, k), 4)
+        found = without_self(index.search(queries, k + 1, rerank=0)[1], rows)
+        record["recall_at_10"] = round(recall_at(found, truth, k), 4)
+        if index.kind == "ivfpq":  # the candidates' stored rows gathered in one streamed pass (no memory map
+            # of the store: scattered rows would make most of a large store resident)
+            found = index.search(queries, k + 1, exact=lambda picked: prepare(store.sampled_rows(picked)))[1]
+            record["recall_at_10_rescored"] = round(recall_at(without_self(found, rows), truth, k), 4)
     rescored = f", {record['recall_at_10_rescored']:.3f} with exact re-scoring" if "recall_at_10_rescored" in record \
         else ""
     log.info("recall@%d of the %s index against exact search, %d stored images as queries: %.3f%s", k, index.kind,
@@ -283,7 +281,7 @@ def tune_latency(index: Index, store_path: Path, prepare: Callable[[np.ndarray],
 
     with StoreReader(store_path) as store:
         rows = _sample(store.count, min(n_queries, store.count), seed=SAMPLE_SEED + 2)
-        queries = prepare(np.asarray(store.row_access()[rows], np.float32))
+        queries = prepare(store.sampled_rows(rows))
     name = "nprobe" if index.kind == "ivfpq" else "efSearch"
     limit = index.params["nlist"] if index.kind == "ivfpq" else 1024
     chosen, median = 1, float("inf")
