@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
@@ -48,7 +48,7 @@ def resolve_sources(plan: Plan, found: Dict[str, CheckpointRow]) -> List[int]:
     return kept
 
 
-def assemble_store(path: Path, plan: Plan, kept: List[int], previous: Previous, checkpoints: Checkpoints,
+def assemble_store(path: Path, plan: Plan, kept: Sequence[int], previous: Previous, checkpoints: Checkpoints,
                    attrs: Dict[str, Any], dtype: str, generation: str) -> Assembled:
     """Write the store of the next generation at ``path`` (see the module docstring)."""
     entries = [plan.entries[i] for i in kept]
@@ -71,13 +71,13 @@ def assemble_store(path: Path, plan: Plan, kept: List[int], previous: Previous, 
     return Assembled(ids, entries, dim, generation, "written", 0)
 
 
-def _extendable(plan: Plan, kept: List[int], previous: Previous) -> bool:
+def _extendable(plan: Plan, kept: Sequence[int], previous: Previous) -> bool:
     return (plan.appends_to(previous, kept) and not plan.digests_added
             and previous.format_version >= 2 and previous.store.has_file_states and previous.states_intact
             and previous.attrs.get("root") == str(plan.root) and bool(previous.usable.all()))
 
 
-def _write_rows(writer: StoreWriter, plan: Plan, positions: List[int], previous: Previous,
+def _write_rows(writer: StoreWriter, plan: Plan, positions: Sequence[int], previous: Previous,
                 checkpoints: Checkpoints) -> None:
     step = block_rows(writer.dim, writer.dtype)
     for start in range(0, len(positions), step):

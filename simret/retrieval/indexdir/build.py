@@ -194,7 +194,7 @@ def build_from_store(out: PathLike, settings: Optional[IndexSettings] = None, *,
                 plan.entries.append(Entry(rows.ids[row], rows.ids[row], row, None, False))
             failed = list(rows.skipped.items())
             attrs = {k: v for k, v in rows.attrs.items() if k not in ("generation", "root", "store_format")}
-            return commit_generation(out, plan, list(range(len(plan.entries))), failed, 0, rows, None, attrs,
+            return commit_generation(out, plan, range(len(plan.entries)), failed, 0, rows, None, attrs,
                                       Identity.of_store(rows.attrs, rows.meta), settings, False, None, progress)
         finally:
             previous.close()
@@ -222,8 +222,9 @@ def _store_as_rows(path: Path) -> Previous:
 
 def _check_source(path: Path, store: StoreReader) -> None:
     """A store written elsewhere: every id once, every descriptor finite (one pass, block by block)."""
-    seen: set = set()
-    twice = [i for i in store.ids if i in seen or seen.add(i)]
+    ordered = sorted(store.ids)  # a list of the same strings (no set of 10M strings): repeats are neighbours
+    twice = [a for a, b in zip(ordered, ordered[1:]) if a == b]
+    del ordered
     if twice:
         raise ValueError(f"{path} lists {len(twice)} id(s) more than once (e.g. {twice[0]!r}): every image must have "
                          f"one descriptor")
@@ -372,7 +373,7 @@ def _up_to_date(previous: Previous, plan: Plan, kept: List[int], failed: List[Tu
     return dict(failed) == previous.skipped
 
 
-def commit_generation(out: Path, plan: Plan, kept: List[int], failed: List[Tuple[str, str]], computed: int,
+def commit_generation(out: Path, plan: Plan, kept: Sequence[int], failed: List[Tuple[str, str]], computed: int,
                       previous: Previous, checkpoints: Optional[Checkpoints], attrs: Dict[str, Any],
                       identity: Identity, settings: IndexSettings, append: bool, encoder: Any,
                       progress: bool, shards: Optional[List[Any]] = None) -> BuildSummary:
