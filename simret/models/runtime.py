@@ -12,11 +12,11 @@ measured to keep descriptor fidelity (``scripts/bench.py extract``):
 * compiled graphs for CNNs, with the image height and width dynamic: one compilation serves every image
   size (Revisited images all differ), nothing is padded or resized, so descriptors are the eager ones up to
   float rounding. The backend: OpenVINO on a CPU when it is installed (``simret.models.openvino_backend``:
-  fastest measured, converted in about 10 s and cached on disk), else ``torch.compile`` (inductor, weights
-  frozen as constants); ``$SIMRET_COMPILE_BACKEND`` (``openvino``/``inductor``) or ``compile="openvino"``
-  chooses. Transformers are compiled
-  only on request (``compile=True``): their graphs specialise on the patch grid, one compilation per
-  image size (torch's recompile limit, 8, then bounds it: further sizes run eager). Compiling costs tens of
+  as fast as inductor, converted in seconds rather than tens of seconds, and cached on disk), else
+  ``torch.compile`` (inductor, weights frozen as constants); ``$SIMRET_COMPILE_BACKEND``
+  (``openvino``/``inductor``) or ``compile="openvino"`` chooses. Transformers are compiled only on request
+  (``compile=True``, inductor): their graphs specialise on the patch grid, one compilation per image size
+  (torch's recompile limit, 8, then bounds it: further sizes run eager). Compiling costs seconds to tens of
   seconds (logged), so ``compile="auto"`` compiles only when the work left is long enough to repay it
   (``CompilePolicy``); ``True`` always, ``False`` never. A compilation that fails falls back to eager.
 
@@ -70,8 +70,8 @@ def requested_backend(value: CompileSpec) -> Optional[str]:
 
 def default_compile_backend(encoder: Any, device: Any) -> str:
     """``$SIMRET_COMPILE_BACKEND`` if set; else ``openvino`` for a CNN on a CPU when openvino is installed
-    (11x eager fp32 for ResNet-50 at 1024 px against inductor's 8x, measured; ``scripts/bench.py extract``),
-    else ``inductor``."""
+    (as fast as inductor end to end, compiled in 4 s instead of 30 s for ResNet-50; ``scripts/bench.py
+    extract``), else ``inductor``."""
     from simret.models.openvino_backend import openvino_available
 
     chosen = os.environ.get(BACKEND_ENV, "").strip().lower()
@@ -115,9 +115,9 @@ class CompilePolicy:
 
     @classmethod
     def for_backend(cls, backend: str, cached: bool = False) -> CompilePolicy:
-        """The policy of a backend: OpenVINO converts in about 10 s (under 1 s from its disk cache) and runs
-        2.7x faster than eager bf16 + channels-last (ResNet-50, 1024 px, measured; 3 s counted for a cached
-        model, to leave short runs alone); inductor as above."""
+        """The policy of a backend: OpenVINO converts in 4-12 s (under 1 s from its disk cache; 3 s counted,
+        to leave short runs alone), and its forward pass of ResNet-50 at 1024 px was 2.7x eager bf16 +
+        channels-last in a forward-only loop here; inductor as above."""
         if backend == "openvino":
             return cls(expected_seconds=3.0 if cached else 15.0, speedup=2.7)
         return cls()
