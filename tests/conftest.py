@@ -31,3 +31,12 @@ def seed():
 
     torch.manual_seed(0)
     return 0
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A headless Chromium driven by Selenium (tests/browser_support.py; mark the module with BROWSER_MARKS)."""
+    from browser_support import chromium
+
+    with chromium() as driver:
+        yield driver

@@ -7,10 +7,10 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from digit_folders import support_and_queries
 from PIL import Image
 
 from simret.cli import cli
-from simret.data.samples import write_fewshot_sample
 
 MODEL = ["--model", "test_resnet", "--weights", "none", "--img-size", "32", "--device", "cpu"]
 
@@ -18,14 +18,8 @@ MODEL = ["--model", "test_resnet", "--weights", "none", "--img-size", "32", "--d
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     """``train/digit_{0..4}/`` (the support set, 6 examples each) and ``test/digit_{0..4}/`` queries."""
-    root = tmp_path_factory.mktemp("classify")
-    write_fewshot_sample(root / "all", splits={"train": [0, 1, 2, 3, 4]}, per_class=9, image_size=24)
-    for folder in sorted((root / "all" / "train").iterdir()):
-        for n, image in enumerate(sorted(folder.iterdir())):
-            target = root / ("test" if n >= 6 else "support") / folder.name / image.name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(image, target)
-    return root
+    return support_and_queries(tmp_path_factory.mktemp("classify"), classes=range(5), per_class=9, n_support=6,
+                               image_size=24, queries="test")
 
 
 @pytest.fixture(scope="module")

@@ -289,3 +289,34 @@ def test_a_store_from_elsewhere_is_checked_before_it_is_indexed(tmp_path):
     refused = run("index", "--from-descriptors", broken, "--out", tmp_path / "y", ok=False)
     assert refused.exit_code == 1 and "nan.h5 holds NaN or infinite descriptors (row 3, id 'd')" in refused.output
     assert not (tmp_path / "y" / "meta.json").exists()
+    altered = write_store(tmp_path / "altered.h5", unit_rows(6, 64), list("abcdef"),
+                          store_attrs(provenance(64), scales=(1,)))
+    import h5py
+
+    with h5py.File(altered, "r+") as handle:  # an id changed after the checksum was written
+        handle["ids"][2] = "z"
+    refused = run("index", "--from-descriptors", altered, "--out", tmp_path / "z", ok=False)
+    assert refused.exit_code == 1 and "ids no longer match their checksum" in refused.output
+
+
+def test_a_large_store_is_indexed_block_by_block_with_its_ids_and_states(tmp_path, tiny_blocks):
+    """--from-descriptors copies rows, ids and file states block by block: the new store equals the source."""
+    from simret.retrieval.store import StoreReader, StoreWriter
+    from simret.utils.filestate import FileStates
+
+    database, ids = unit_rows(301, 64, seed=3), [f"img/{i:05d}.jpg" for i in range(301)]
+    states = FileStates(np.arange(301, dtype=np.int64) + 10, np.arange(301, dtype=np.int64) * 7,
+                        [f"{i:064x}" for i in range(301)])
+    source = tmp_path / "source.h5"
+    with StoreWriter(source, 64, store_attrs(provenance(64), scales=(1,)), dtype="float16") as writer:
+        for start in range(0, 301, 50):
+            part = range(start, min(301, start + 50))
+            writer.append(database[part], ids[start:start + 50], states.take(part))
+    run("index", "--from-descriptors", source, "--out", tmp_path / "idx", "--index", "flat")
+    with StoreReader(source) as a, StoreReader(tmp_path / "idx" / "descriptors.h5") as b:
+        assert b.ids == a.ids and b.dtype == a.dtype and b.count == 301
+        np.testing.assert_array_equal(b.rows(range(301)), a.rows(range(301)))
+        assert b.file_states().digests == a.file_states().digests
+        np.testing.assert_array_equal(b.file_states().sizes, a.file_states().sizes)
+    meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
+    assert meta["count"] == 301 and meta["index"]["ntotal"] == 301

@@ -4,35 +4,16 @@ of results and the top id, click a result and check that the query changed, togg
 save a screenshot (SIMRET_SCREENSHOT=path copies it there, e.g. docs/serve-screenshot.png)."""
 import os
 import shutil
-import socket
-import tempfile
-import threading
-import time
 import warnings
-from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from browser_support import BROWSER_MARKS, live_server
+from cli_run import run
 
-from simret.cli import cli
 from simret.models import RandomWeightsWarning
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+pytestmark = BROWSER_MARKS
 K = 12
-
-
-def _browser_missing():
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        return "selenium is not installed (pip install -e '.[dev]')"
-    for path in (CHROMIUM, CHROMEDRIVER):
-        if not path.exists():
-            return f"no {path}: install Chromium with apt-get install chromium chromium-driver (.ci/run does)"
-    return None
-
-
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(_browser_missing() is not None, reason=str(_browser_missing()))]
 
 
 @pytest.fixture(scope="module")
@@ -48,50 +29,15 @@ def photos(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(photos, tmp_path_factory):
     """A live server on a free loopback port, in a thread; yields its base URL."""
-    import uvicorn
-
     from simret.serve import create_app
 
     out = tmp_path_factory.mktemp("idx") / "idx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
-        result = CliRunner().invoke(cli, ["index", str(photos), "--out", str(out), "--model", "test_resnet",
-                                          "--weights", "none", "--max-size", "64", "-j", "0"])
-        assert result.exit_code == 0, result.output
+        run("index", photos, "--out", out, "--model", "test_resnet", "--weights", "none", "--max-size", "64", "-j", "0")
         app = create_app(out, reload_interval=0)
-    sock = socket.create_server(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(30)
-    sock.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="simret-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1280,860"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
-    driver.set_page_load_timeout(60)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
+    with live_server(app) as url:
+        yield url
 
 
 def test_page_searches_clicks_through_and_shows_attention(server, browser, photos, tmp_path):

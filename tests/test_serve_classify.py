@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
+from digit_folders import support_and_queries
 from PIL import Image
 
 pytest.importorskip("fastapi")
@@ -35,18 +36,8 @@ def cache_root(tmp_path_factory):
 def digits(tmp_path_factory):
     """``support/digit_{0..4}/`` (5 examples each) and ``queries/digit_{0..4}/`` (3 each), real digit scans;
     the queries are also the indexed images."""
-    import shutil
-
-    from simret.data.samples import write_fewshot_sample
-
-    root = tmp_path_factory.mktemp("digits")
-    write_fewshot_sample(root / "all", splits={"train": [0, 1, 2, 3, 4]}, per_class=8, image_size=24)
-    for folder in sorted((root / "all" / "train").iterdir()):
-        for n, image in enumerate(sorted(folder.iterdir())):
-            target = root / ("queries" if n >= 5 else "support") / folder.name / image.name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(image, target)
-    return root
+    return support_and_queries(tmp_path_factory.mktemp("digits"), classes=range(5), per_class=8, n_support=5,
+                               image_size=24)
 
 
 @pytest.fixture(scope="module")

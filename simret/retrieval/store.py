@@ -445,6 +445,30 @@ class StoreReader:
                                         [(0, self.count)])
         return self._ids
 
+    def id_blocks(self, rows_per_block: int = 65536) -> Iterator[Tuple[int, List[str]]]:
+        """``(first row, ids)`` over every row, read block by block (never all ids at once); the ids' checksum
+        is verified once the last block is read.
+
+        Raises:
+            StoreDamagedError: an id cannot be read, or the ids do not match their checksum.
+        """
+        if self._ids is not None:
+            for first in range(0, self.count, rows_per_block):
+                yield first, self._ids[first:first + rows_per_block]
+            return
+        digest = IdsDigest()
+        for first in range(0, self.count, rows_per_block):
+            last = min(self.count, first + rows_per_block)
+            names = self._guarded(lambda a=first, b=last: self._handle["ids"].asstr()[a:b], "ids", (first, last))
+            block = [str(v) for v in names]
+            digest.update(block)
+            yield first, block
+        expected = self._guarded(lambda: self._handle["ids"].attrs.get(IDS_DIGEST), "ids", (0, self.count))
+        expected = expected.decode("utf-8", "replace") if isinstance(expected, bytes) else expected
+        if expected and digest.hexdigest() != expected:
+            raise StoreDamagedError(f"{self.path} is damaged: its ids no longer match their checksum",
+                                    [(0, self.count)])
+
     def ids_of(self, indices: Sequence[int]) -> List[str]:
         """The ids of rows ``indices`` (in that order), reading only those."""
         order = np.asarray(indices, dtype=np.int64).ravel()
@@ -480,6 +504,23 @@ class StoreReader:
             self._states = FileStates(np.asarray(sizes, np.int64), np.asarray(mtimes, np.int64),
                                       [d.decode("ascii", "replace") for d in digests.tolist()])
         return self._states
+
+    def file_states_of(self, start: int, stop: int) -> FileStates:
+        """The recorded states of rows ``start:stop`` only (``FileStates.unknown`` for older stores).
+
+        Raises:
+            StoreDamagedError: a state chunk fails its checksum.
+        """
+        if not self.has_file_states:
+            return FileStates.unknown(max(0, stop - start))
+        if self._states is not None:
+            return self._states.take(np.arange(start, stop))
+        span = (start, stop)
+        sizes = self._guarded(lambda: self._handle["sizes"][start:stop], "sizes", span)
+        mtimes = self._guarded(lambda: self._handle["mtimes"][start:stop], "mtimes", span)
+        digests = self._guarded(lambda: self._handle["digests"][start:stop], "digests", span)
+        return FileStates(np.asarray(sizes, np.int64), np.asarray(mtimes, np.int64),
+                          [d.decode("ascii", "replace") for d in digests.tolist()])
 
     def _states_around(self, damaged: List[Tuple[int, int]]) -> FileStates:
         """The recorded states, unknown for the ``damaged`` row ranges (read around them)."""

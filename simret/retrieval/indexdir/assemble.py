@@ -16,7 +16,7 @@ import numpy as np
 
 from simret.retrieval.indexdir.checkpoints import CheckpointRow, Checkpoints
 from simret.retrieval.indexdir.layout import link_file
-from simret.retrieval.indexdir.plan import Entry, Plan
+from simret.retrieval.indexdir.plan import Plan
 from simret.retrieval.indexdir.previous import Previous
 from simret.retrieval.store import StoreWriter, block_rows
 from simret.utils.logs import get_logger
@@ -26,10 +26,9 @@ log = get_logger(__name__)
 
 @dataclass
 class Assembled:
-    """The store written: its ids, which entries made it, and how (``linked``, ``extended`` or ``written``)."""
+    """The store written: how many rows, and how (``linked``, ``extended`` or ``written``)."""
 
-    ids: List[str]
-    entries: List[Entry]
+    count: int
     dim: int
     store_generation: str  # the generation whose writer produced the file (differs when linked)
     route: str
@@ -51,24 +50,22 @@ def resolve_sources(plan: Plan, found: Dict[str, CheckpointRow]) -> List[int]:
 def assemble_store(path: Path, plan: Plan, kept: Sequence[int], previous: Previous, checkpoints: Checkpoints,
                    attrs: Dict[str, Any], dtype: str, generation: str) -> Assembled:
     """Write the store of the next generation at ``path`` (see the module docstring)."""
-    entries = [plan.entries[i] for i in kept]
-    ids = [e.image_id for e in entries]
     dim = int(attrs["dim"])
     if previous.store is not None and plan.reuses_all(previous, kept) and not plan.digests_added \
             and previous.format_version >= 2 and previous.store.has_file_states and previous.states_intact \
             and previous.attrs.get("root") == str(plan.root):
         link_file(previous.store.path, path)
-        return Assembled(ids, entries, dim, str(previous.attrs.get("generation")), "linked", 0)
+        return Assembled(len(kept), dim, str(previous.attrs.get("generation")), "linked", 0)
     if previous.store is not None and _extendable(plan, kept, previous):
         first_new = len(previous.ids)
         shutil.copyfile(previous.store.path, path)
         with StoreWriter.reopen(path) as writer:
             _write_rows(writer, plan, kept[first_new:], previous, checkpoints)
             writer.set_attrs({"generation": generation, "root": str(plan.root)})
-        return Assembled(ids, entries, dim, generation, "extended", first_new)
+        return Assembled(len(kept), dim, generation, "extended", first_new)
     with StoreWriter(path, dim, {**attrs, "root": str(plan.root), "generation": generation}, dtype=dtype) as writer:
         _write_rows(writer, plan, kept, previous, checkpoints)
-    return Assembled(ids, entries, dim, generation, "written", 0)
+    return Assembled(len(kept), dim, generation, "written", 0)
 
 
 def _extendable(plan: Plan, kept: Sequence[int], previous: Previous) -> bool:

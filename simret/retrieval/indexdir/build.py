@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -37,10 +37,11 @@ from simret.retrieval.indexdir.plan import Entry, Plan, make_plan
 from simret.retrieval.indexdir.previous import Previous, load_previous
 from simret.retrieval.indexdir.searchable import INDEXED, Searchable, build_searchable, same_index_settings
 from simret.retrieval.indexdir.settings import BuildSummary, IndexSettings
+from simret.retrieval.indexdir.source import check_source, copy_source
 from simret.retrieval.store import StoreError, StoreReader, store_attrs, store_dtype
 from simret.utils import distributed
 from simret.utils.atomic import write_failure
-from simret.utils.filestate import file_checksum
+from simret.utils.filestate import FileStates, file_checksum
 from simret.utils.locking import writer_lock
 from simret.utils.logs import get_logger
 from simret.utils.skipped import format_skipped
@@ -173,66 +174,72 @@ def build_from_store(out: PathLike, settings: Optional[IndexSettings] = None, *,
     with writer_lock(out, timeout=settings.lock_timeout):
         remove_stale(out)
         previous = Previous() if overwrite and source is not None else load_previous(out)
-        rows = previous if source is None else _store_as_rows(Path(source).expanduser())
         try:
             if source is None:
-                settings = _repair_settings(out, previous, settings)
-            else:
-                _check_replacement(previous, rows, out)
-                settings = replace(settings, scales=tuple(rows.attrs.get("scales", [1.0])),
-                                   max_size=rows.attrs.get("max_size") or None,
-                                   precision=rows.attrs.get("precision")
-                                   or ("bf16" if rows.store.dtype == np.float16 else "fp32"))
-            if not rows.usable.any():
-                shown = out / STORE if source is None else Path(source)
-                raise ValueError(f"{shown} holds no usable descriptor ({len(rows.ids)} rows, all damaged or none): "
-                                 f"describe the images again with your simret index command")
-            plan = Plan(rows.root or Path(), [], rows.states.take(np.flatnonzero(rows.usable)), len(rows.ids),
-                        lost=int((~rows.usable).sum()))
-            for row in np.flatnonzero(rows.usable).tolist():  # nothing is described: the key (a path, only
-                # looked up for images to describe) is the id itself, one string per row at 10M rows and more
-                plan.entries.append(Entry(rows.ids[row], rows.ids[row], row, None, False))
-            failed = list(rows.skipped.items())
-            attrs = {k: v for k, v in rows.attrs.items() if k not in ("generation", "root", "store_format")}
-            return commit_generation(out, plan, range(len(plan.entries)), failed, 0, rows, None, attrs,
-                                      Identity.of_store(rows.attrs, rows.meta), settings, False, None, progress)
+                return _rebuild_from_own_store(out, previous, settings, progress)
+            return _index_source(out, previous, Path(source).expanduser(), settings, progress)
         finally:
             previous.close()
-            rows.close()
 
 
-def _store_as_rows(path: Path) -> Previous:
-    """A descriptor store to index as it is, seen as the rows a build reuses."""
-    store = StoreReader(path)
-    if not store.fingerprint:
-        store.close()
-        raise StoreError(f"{path} has no 'fingerprint' attribute: simret cannot tell which encoder computed these "
-                         f"descriptors (write them with simret.retrieval.store.write_store)")
+def _rebuild_from_own_store(out: Path, previous: Previous, settings: IndexSettings, progress: bool) -> BuildSummary:
+    """``simret check --repair``: the committed generation's intact rows, with the settings it was built with."""
+    settings = _repair_settings(out, previous, settings)
+    if not previous.usable.any():
+        raise ValueError(f"{out / STORE} holds no usable descriptor ({len(previous.ids)} rows, all damaged or none): "
+                         f"describe the images again with your simret index command")
+    usable = np.flatnonzero(previous.usable)
+    plan = Plan(previous.root or Path(), [], previous.states.take(usable), len(previous.ids),
+                lost=int((~previous.usable).sum()))
+    for row in usable.tolist():  # nothing is described: the key (a path, looked up only for images to
+        plan.entries.append(Entry(previous.ids[row], previous.ids[row], row, None, False))  # describe) is the id
+    attrs = {k: v for k, v in previous.attrs.items() if k not in ("generation", "root", "store_format")}
+    return commit_generation(out, plan, range(len(plan.entries)), list(previous.skipped.items()), 0, previous, None,
+                             attrs, Identity.of_store(previous.attrs, previous.meta), settings, False, None, progress)
+
+
+def _index_source(out: Path, previous: Previous, path: Path, settings: IndexSettings, progress: bool) -> BuildSummary:
+    """``simret index --from-descriptors``: a store written elsewhere, checked and copied block by block
+    (``simret.retrieval.indexdir.source``: no Python object per row, whatever its size)."""
+    rows = Previous(store=_open_source(path))
     try:
-        _check_source(path, store)
+        _check_replacement(previous, rows, out)
+        store = rows.store
+        settings = replace(settings, scales=tuple(rows.attrs.get("scales", [1.0])),
+                           max_size=rows.attrs.get("max_size") or None,
+                           precision=rows.attrs.get("precision") or ("bf16" if store.dtype == np.float16 else "fp32"))
+        if not store.count:
+            raise ValueError(f"{path} holds no usable descriptor (0 rows, all damaged or none): describe the images "
+                             f"again with your simret index command")
+        plan = Plan(rows.root or Path(), [], FileStates.unknown(0), store.count)
+        attrs = {k: v for k, v in rows.attrs.items() if k not in ("generation", "root", "store_format")}
+
+        def assemble(target: Path, dtype: str, generation_id: str) -> Assembled:
+            return copy_source(target, store, {**attrs, "root": str(plan.root)}, dtype, generation_id)
+
+        return commit_generation(out, plan, range(store.count), [], 0, rows, None, attrs,
+                                 Identity.of_store(rows.attrs, rows.meta), settings, False, None, progress,
+                                 assemble=assemble)
+    finally:
+        rows.close()
+
+
+def _open_source(path: Path) -> StoreReader:
+    """A descriptor store to index as it is, checked (``check_source``); its root is its folder when it
+    records none."""
+    store = StoreReader(path)
+    try:
+        if not store.fingerprint:
+            raise StoreError(f"{path} has no 'fingerprint' attribute: simret cannot tell which encoder computed "
+                             f"these descriptors (write them with simret.retrieval.store.write_store)")
+        check_source(path, store)
     except BaseException:
         store.close()
         raise
-    rows = Previous(store=store, ids=store.ids, states=store.file_states(), usable=np.ones(store.count, bool))
     if not store.attrs.get("root"):
         log.info("%s records no image root: ids are taken relative to its folder", path)
         store.attrs["root"] = str(path.parent.resolve())
-    return rows
-
-
-def _check_source(path: Path, store: StoreReader) -> None:
-    """A store written elsewhere: every id once, every descriptor finite (one pass, block by block)."""
-    ordered = sorted(store.ids)  # a list of the same strings (no set of 10M strings): repeats are neighbours
-    twice = [a for a, b in zip(ordered, ordered[1:]) if a == b]
-    del ordered
-    if twice:
-        raise ValueError(f"{path} lists {len(twice)} id(s) more than once (e.g. {twice[0]!r}): every image must have "
-                         f"one descriptor")
-    for start, block in store.blocks():
-        bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
-        if bad.size:
-            raise ValueError(f"{path} holds NaN or infinite descriptors (row {start + int(bad[0])}, id "
-                             f"{store.ids[start + int(bad[0])]!r}): recompute them")
+    return store
 
 
 def _repair_settings(out: Path, previous: Previous, given: IndexSettings) -> IndexSettings:
@@ -376,11 +383,14 @@ def _up_to_date(previous: Previous, plan: Plan, kept: List[int], failed: List[Tu
 def commit_generation(out: Path, plan: Plan, kept: Sequence[int], failed: List[Tuple[str, str]], computed: int,
                       previous: Previous, checkpoints: Optional[Checkpoints], attrs: Dict[str, Any],
                       identity: Identity, settings: IndexSettings, append: bool, encoder: Any,
-                      progress: bool, shards: Optional[List[Any]] = None) -> BuildSummary:
+                      progress: bool, shards: Optional[List[Any]] = None,
+                      assemble: Optional[Callable[[Path, str, str], Assembled]] = None) -> BuildSummary:
     """Stages 3-5: write the next generation and commit it; on any failure the previous one stays current.
 
     ``previous`` is where reused rows come from (the committed generation, or a store to index as it is);
-    ``encoder`` is needed only to learn a whitening on other images; ``shards``: see ``build_searchable``."""
+    ``encoder`` is needed only to learn a whitening on other images; ``shards``: see ``build_searchable``;
+    ``assemble``: ``(store path, dtype, generation id) → Assembled`` writes the store instead of
+    ``assemble_store`` (a store indexed as it is)."""
     meta = previous.meta or {}
     sequence = int(meta.get("sequence", 0)) + 1
     generation_id = new_generation_id(sequence)
@@ -389,7 +399,8 @@ def commit_generation(out: Path, plan: Plan, kept: Sequence[int], failed: List[T
     try:
         with NewGeneration(out, generation_id) as generation:
             target = generation.path(STORE)
-            assembled = assemble_store(target, plan, kept, previous, checkpoints, attrs, dtype, generation_id)
+            assembled = assemble(target, dtype, generation_id) if assemble is not None else \
+                assemble_store(target, plan, kept, previous, checkpoints, attrs, dtype, generation_id)
             target = generation.directory
             searchable = build_searchable(generation, assembled, previous, settings, append=append, encoder=encoder,
                                           progress=progress, shards=shards)
@@ -409,7 +420,8 @@ def commit_generation(out: Path, plan: Plan, kept: Sequence[int], failed: List[T
                             f"is fixed (the descriptors computed are kept)") from None
     return BuildSummary(out, len(kept), computed, max(0, len(kept) - computed), len(failed),
                         searchable.index_meta["kind"], int(searchable.index_meta["dim"]), failures=failed,
-                        redescribed=sum(plan.entries[i].redescribe for i in kept), removed=len(plan.removed),
+                        redescribed=sum(plan.entries[i].redescribe for i in kept) if plan.entries else 0,
+                        removed=len(plan.removed),
                         generation=generation_id)
 
 
@@ -434,7 +446,7 @@ def _meta_record(generation: NewGeneration, generation_id: str, sequence: int, p
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "generation": generation_id, "sequence": sequence,
         "store_generation": assembled.store_generation, "created": meta.get("created", now), "updated": now,
-        "root": str(plan.root), "sources": sources, "count": len(assembled.ids), "skipped": len(failed),
+        "root": str(plan.root), "sources": sources, "count": assembled.count, "skipped": len(failed),
         "fingerprint": identity.fingerprint, "model": identity.model,
         "provenance": identity.provenance, "dim": assembled.dim, "scales": [float(s) for s in settings.scales],
         "max_size": settings.max_size, "precision": settings.precision, "store_dtype": dtype,

@@ -49,7 +49,7 @@ def build_searchable(generation: NewGeneration, assembled: Assembled, previous: 
     trained from ``settings.train_from``."""
     meta = previous.meta or {}
     kind = meta["index"]["kind"] if append and meta else settings.kind
-    n = len(assembled.ids)
+    n = assembled.count
     if getattr(settings, "train_from", None) and not (append and meta):
         return _from_trained(generation, assembled, Path(settings.train_from), shards or [])
     if kind == STORE_ONLY:
