@@ -167,6 +167,20 @@ def test_recall_is_measured_against_exact_search(tmp_path):
     assert meta["recall_at_10"] == pytest.approx(recall_at(found, truth, 10), abs=2e-3)
     assert meta["recall_at_10"] < meta["recall_at_10_rescored"] <= 1.0  # re-scoring helps coarse codes
     assert "recall@10" in run("info", tmp_path / "ivf").output
+    # the depth: the shallowest that reaches 0.95 (else the deepest tried), measured as searches then run
+    from simret.retrieval.indexdir.searchable import RECALL_TARGET, RERANK_DEPTHS
+
+    depth = meta["rerank"]
+    assert depth in RERANK_DEPTHS and index.rerank == depth
+    assert meta["recall_at_10_rescored"] >= RECALL_TARGET or depth == RERANK_DEPTHS[-1]
+    rescored = index.index.search(database[rows], 11, exact=database, rerank=depth)[1]
+    rescored = np.stack([r[r != q][:10] for r, q in zip(rescored, rows)])
+    assert meta["recall_at_10_rescored"] == pytest.approx(recall_at(rescored, truth, 10), abs=2e-3)
+    if depth > RERANK_DEPTHS[0]:  # a shallower depth was tried and fell short
+        shallower = index.index.search(database[rows], 11, exact=database, rerank=RERANK_DEPTHS[0])[1]
+        shallower = np.stack([r[r != q][:10] for r, q in zip(shallower, rows)])
+        assert recall_at(shallower, truth, 10) < RECALL_TARGET
+    np.testing.assert_array_equal(index.search(database[:5], 10)[1], index.search(database[:5], 10, rerank=depth)[1])
 
 
 # ------------------------------------------------------------------------------------------------ budgets

@@ -100,7 +100,7 @@ class SearchService:
     """What the routes share: the current index generation, the model thread, caches and metrics."""
 
     def __init__(self, index_dir: PathLike, encoder: Any, device: Any, *, batch_size: int, batch_wait: float,
-                 max_queue: int, reload_interval: float, threads: int, rerank: int, max_k: int,
+                 max_queue: int, reload_interval: float, threads: int, rerank: Optional[int], max_k: int,
                  thumbnail_cache_mb: float, support: Optional[SupportSet] = None) -> None:
         from simret.retrieval.queries import describe_queries
 
@@ -260,7 +260,7 @@ def create_app(index_dir: PathLike, *, encoder: Any = None, device: Any = None, 
         max_queue: most query images waiting for the model; more are refused with 503.
         reload_interval: seconds between polls of the index's generation (0: reload on SIGHUP only).
         threads: threads for file, thumbnail and index work (default: min(8, CPUs + 4)).
-        rerank: ivfpq re-scoring depth (default: ``simret search``'s).
+        rerank: ivfpq re-scoring depth (default: the index's, as ``simret search``).
         max_k: largest ``k`` a request may ask for.
         thumbnail_cache_mb: memory for cached thumbnails.
         support: adds ``POST /classify``: a folder of examples (``<dir>/<class>/<images>``, as for ``simret
@@ -274,7 +274,6 @@ def create_app(index_dir: PathLike, *, encoder: Any = None, device: Any = None, 
         ValueError, FileNotFoundError: no searchable index in ``index_dir``, or an encoder of another
             fingerprint; a bad support folder, method or base mean.
     """
-    from simret.retrieval.index import DEFAULT_RERANK
 
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
@@ -292,7 +291,7 @@ def create_app(index_dir: PathLike, *, encoder: Any = None, device: Any = None, 
     service = SearchService(index_dir, encoder, device, batch_size=batch_size, batch_wait=batch_wait_ms / 1000,
                             max_queue=max_queue, reload_interval=reload_interval,
                             threads=threads or min(8, (os.cpu_count() or 1) + 4),
-                            rerank=DEFAULT_RERANK if rerank is None else rerank, max_k=max_k,
+                            rerank=rerank, max_k=max_k,
                             thumbnail_cache_mb=thumbnail_cache_mb, support=support_set)
 
     @asynccontextmanager

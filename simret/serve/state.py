@@ -38,7 +38,7 @@ class LoadedIndex:
     row_of: Dict[str, int]
     root: Path
     raw: Any  # RowAccess over the (N, D) stored raw descriptors (memory-mapped), for "more like this"
-    rerank: int
+    rerank: Optional[int]  # None: the index's own depth (meta.json)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -66,7 +66,7 @@ class LoadedIndex:
         return [i for i, _ in keep], [s for _, s in keep]
 
 
-def load_index(path: PathLike, fingerprint: str, *, rerank: int) -> LoadedIndex:
+def load_index(path: PathLike, fingerprint: str, *, rerank: Optional[int]) -> LoadedIndex:
     """Load the generation ``path`` holds now, eagerly, for queries described by an encoder of ``fingerprint``.
 
     Raises:

@@ -180,7 +180,7 @@ class IndexSet:
         self.dirs[0].check_queries(fingerprint, what)
 
     def search(self, raw_queries: Any, k: int = 10, *, qe: int = 0, alpha: float = 3.0,
-               rerank: int = 16) -> Tuple[np.ndarray, List[List[Tuple[int, int]]]]:
+               rerank: Optional[int] = None) -> Tuple[np.ndarray, List[List[Tuple[int, int]]]]:
         """``(scores (Q, k'), hits)``: the best ``k`` over every directory (αQE over the merged ranking)."""
         from simret.retrieval.rerank import alpha_qe
 
@@ -194,7 +194,8 @@ class IndexSet:
             scores, hits = self._merged(queries, k, rerank)
         return scores[:, :k], [row[:k] for row in hits]
 
-    def _merged(self, queries: np.ndarray, k: int, rerank: int) -> Tuple[np.ndarray, List[List[Tuple[int, int]]]]:
+    def _merged(self, queries: np.ndarray, k: int,
+                rerank: Optional[int]) -> Tuple[np.ndarray, List[List[Tuple[int, int]]]]:
         parts = [d._nearest(rerank)(queries, k) for d in self.dirs]
         scores = np.concatenate([p[0] for p in parts], axis=1)
         owners = np.concatenate([np.full(p[1].shape, i) for i, p in enumerate(parts)], axis=1)
