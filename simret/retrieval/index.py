@@ -407,8 +407,9 @@ class Index:
 
 
 def _rescore(queries: np.ndarray, candidates: np.ndarray, exact: Any, k: int,
-             block: int = 256) -> Tuple[np.ndarray, np.ndarray]:
-    """Exact inner products of ``queries (Q, D)`` with their ``candidates (Q, C)`` (``-1``: none) → top ``k``."""
+             block_bytes: int = 64 << 20) -> Tuple[np.ndarray, np.ndarray]:
+    """Exact inner products of ``queries (Q, D)`` with their ``candidates (Q, C)`` (``-1``: none) → top ``k``
+    (the candidates' vectors are laid out for a block of queries at a time, ``block_bytes`` at most)."""
     valid = candidates >= 0
     rows = np.unique(candidates[valid])
     fetch = exact if callable(exact) else (lambda picked: np.asarray(exact[picked]))
@@ -418,6 +419,7 @@ def _rescore(queries: np.ndarray, candidates: np.ndarray, exact: Any, k: int,
         raise ValueError(f"exact vectors: asked for {rows.size} rows, got {vectors.shape[0]}")
     position = np.searchsorted(rows, np.where(valid, candidates, rows[0] if rows.size else 0))
     scores = np.full(candidates.shape, -np.inf, dtype=np.float32)
+    block = max(1, block_bytes // max(1, candidates.shape[1] * queries.shape[1] * 4))
     for start in range(0, queries.shape[0], block):
         part = slice(start, start + block)
         if rows.size:
