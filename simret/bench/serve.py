@@ -143,8 +143,24 @@ def percentile(values: List[float], q: float) -> float:
     return ordered[index]
 
 
+def write_jpegs(folder: Path, count: int, size: tuple) -> list:
+    """``count`` JPEGs of ``size`` (width, height) cut from the packaged photographs (varied crops)."""
+    from simret.data.samples import DISTRACTORS, LANDMARKS, load_photo
+
+    photos = [load_photo(name) for name in list(LANDMARKS) + list(DISTRACTORS)]
+    ids = []
+    for number in range(count):
+        photo = photos[number % len(photos)]
+        shift = (number // len(photos)) * 7
+        width, height = photo.size
+        box = (shift % max(1, width // 4), shift % max(1, height // 4), width - (shift % 9), height - (shift % 5))
+        name = f"{number:05d}.jpg"
+        photo.crop(box).resize(size).save(folder / name, quality=90)
+        ids.append(name)
+    return ids
+
+
 def run(quick: bool = False) -> Section:
-    from simret.bench.extract import write_jpegs
 
     section = Section("serve", TITLE if not quick else "Serve (quick sizes)", "python scripts/bench.py serve")
     arch, n_database, size, gamma = ("test_resnet", 24, (96, 72), "2.0") if quick else ("resnet50", 120, (224, 168),
