@@ -40,3 +40,13 @@ def browser():
 
     with chromium() as driver:
         yield driver
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    """test_resnet with random weights, shared by a module's tests (modules that need another define their own)."""
+    from simret.models import RandomWeightsWarning, create_encoder
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        return create_encoder("test_resnet", weights=None)

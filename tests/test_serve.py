@@ -57,15 +57,6 @@ def index_dir(sample, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def encoder():
-    from simret.models import create_encoder
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RandomWeightsWarning)
-        return create_encoder("test_resnet", weights=None)
-
-
-@pytest.fixture(scope="module")
 def client(index_dir):
     from simret.serve import create_app
 

@@ -47,15 +47,6 @@ def index_dir(digits, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def encoder():
-    from simret.models import create_encoder
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RandomWeightsWarning)
-        return create_encoder("test_resnet", weights=None)
-
-
 def make_app(index_dir, **options):
     from simret.serve import create_app
 
