@@ -106,7 +106,8 @@ def test_images_too_small_for_the_model_are_reported_not_fatal(folder, tmp_path)
 
 def test_half_precision_stays_close_and_float32(encoder, folder):
     full = extract(encoder, folder, ["img0.png", "img3.png"], workers=0, progress=False)
-    half = extract(encoder, folder, ["img0.png", "img3.png"], workers=0, half=True, progress=False)
+    with pytest.warns(DeprecationWarning, match="half=True is deprecated"):
+        half = extract(encoder, folder, ["img0.png", "img3.png"], workers=0, half=True, progress=False)
     assert half.descriptors.dtype == np.float32
     assert (np.sum(full.descriptors * half.descriptors, axis=1) > 0.98).all()
 
