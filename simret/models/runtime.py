@@ -157,6 +157,7 @@ class InferenceEncoder:
         self.compile_backend = compile_backend
         self._forward = encoder
         self._compile_failed = False
+        self._default_policy: Optional[Tuple[str, CompilePolicy]] = None  # (backend, its policy)
 
     # ---------------------------------------------------------------------------------- passthrough
 
@@ -228,12 +229,15 @@ class InferenceEncoder:
         return self.compiled
 
     def _policy(self) -> CompilePolicy:
-        cached = False
-        if self.compile_backend == "openvino":
-            from simret.models.openvino_backend import cached_model_dir
+        """The backend's policy, looked up once (``maybe_compile`` asks after every eager batch)."""
+        if self._default_policy is None or self._default_policy[0] != self.compile_backend:
+            cached = False
+            if self.compile_backend == "openvino":
+                from simret.models.openvino_backend import cached_model_dir
 
-            cached = cached_model_dir(self.encoder).is_dir()
-        return CompilePolicy.for_backend(self.compile_backend, cached)
+                cached = cached_model_dir(self.encoder).is_dir()
+            self._default_policy = (self.compile_backend, CompilePolicy.for_backend(self.compile_backend, cached))
+        return self._default_policy[1]
 
     def compile(self, example: Any = None) -> float:
         """Compile the forward pass now (``compile_backend``: OpenVINO, or ``torch.compile`` with inductor and
