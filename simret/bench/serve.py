@@ -21,6 +21,7 @@ from simret.bench import Row, Section
 TITLE = "Serve: warm queries vs a cold simret search; micro-batching under concurrent clients"
 CLIENTS = (1, 4, 16)
 RUN_SECONDS_CAP = 180.0  # no single measured run lasts longer (counted, noted if reached)
+REST_SECONDS = 3.0  # idle time before a memory reading (the server trims freed memory after 1 s idle)
 
 
 class ServerProcess:
@@ -55,6 +56,11 @@ class ServerProcess:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
         raise RuntimeError("no VmRSS")
+
+    def rss_at_rest_mb(self, seconds: float = REST_SECONDS) -> float:
+        """``rss_mb`` once the server has been idle for ``seconds`` (it hands freed memory back after 1 s)."""
+        time.sleep(seconds)
+        return self.rss_mb()
 
     def stop(self) -> int:
         self.process.send_signal(signal.SIGTERM)
@@ -209,7 +215,7 @@ def run(quick: bool = False) -> Section:
             _, done, failed = concurrent_rate(batched.url, queries, 16, rss_counts[0] - sent[batched])
             sent[batched] += done
             errors += failed
-            rss = {"first": (batched.rss_mb(), sent[batched])}
+            rss = {"first": (batched.rss_at_rest_mb(), sent[batched])}
 
             latencies, failed = sequential_latencies(batched.url, queries, n_latency)
             sent[batched] += n_latency
@@ -234,7 +240,7 @@ def run(quick: bool = False) -> Section:
                 errors += failed
                 if not done:
                     break
-            rss["last"] = (batched.rss_mb(), sent[batched])
+            rss["last"] = (batched.rss_at_rest_mb(), sent[batched])
         finally:
             exits = [batched.stop(), single.stop()]
 
@@ -269,7 +275,9 @@ def run(quick: bool = False) -> Section:
                          f"unbatched runs interleaved. Mean batch size seen by the batched server over its whole "
                          f"run: {batch_sizes:.2f}.")
     section.notes.append(f"memory: VmRSS of the batched server after its first {count_low} queries (most of them "
-                         f"from 16 clients, so full batches have been through the model) and after {count_high}.")
+                         f"from 16 clients, so full batches have been through the model) and after {count_high}, "
+                         f"each read after {REST_SECONDS:.0f} s without queries (the server hands the memory freed "
+                         f"by its forward passes back to the system once idle for 1 s).")
     section.notes.append(f"The warm answer's ids equal the cold search's. Servers stopped with SIGTERM: exit "
                          f"status {exits}.")
     if capped:

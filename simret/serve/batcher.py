@@ -6,6 +6,11 @@ Requests put jobs on a bounded queue. The worker takes the first job, then whate
 depends on its batch-mates). Images to classify (``embed_image``) are batched the same way, described as
 the support set's images are (``embed``, one fixed input size). Other model work (attention maps) runs
 on the same thread, one job at a time, so the model is never used from two threads nor copied.
+
+Once the queue has stayed empty for ``trim_interval`` seconds after some work, the thread hands the memory
+freed by the forward passes back to the system: batches of every size from 1 to ``max_batch`` leave free
+holes in glibc's arenas that would otherwise make the resident memory creep up over a long run. It never
+runs while queries wait.
 """
 from __future__ import annotations
 
@@ -83,11 +88,12 @@ class MicroBatcher:
         max_wait: seconds to wait for more jobs once one has arrived.
         max_queue: most jobs waiting; more are refused with ``QueueFull``.
         on_batch: called with the size of every batch described (metrics).
+        trim_interval: seconds of idleness after which freed memory is handed back (None: never).
     """
 
     def __init__(self, describe: Callable[..., Any], *, embed: Optional[Callable[[List[str]], Any]] = None,
                  max_batch: int = 16, max_wait: float = 0.005, max_queue: int = 256,
-                 on_batch: Optional[Callable[[int], None]] = None) -> None:
+                 on_batch: Optional[Callable[[int], None]] = None, trim_interval: Optional[float] = 1.0) -> None:
         if max_batch < 1:
             raise ValueError(f"batch size must be at least 1, got {max_batch}")
         self.describe = describe
@@ -95,6 +101,8 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.max_wait = max(0.0, float(max_wait))
         self.on_batch = on_batch
+        self.trim_interval = trim_interval
+        self.trims = 0
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
         self._thread: Optional[threading.Thread] = None
         self._start_lock = threading.Lock()
@@ -146,8 +154,15 @@ class MicroBatcher:
         return job.future
 
     def _run(self) -> None:
+        worked = False
         while True:
-            job = self._queue.get()
+            try:
+                job = self._queue.get(timeout=self.trim_interval if worked else None)
+            except queue.Empty:  # idle for trim_interval after some work
+                self._trim()
+                worked = False
+                continue
+            worked = self.trim_interval is not None
             if job is _STOP:
                 return
             if isinstance(job, CallJob):
@@ -159,6 +174,13 @@ class MicroBatcher:
                 _settle(call.future, call.fn)
             if stop:
                 return
+
+    def _trim(self) -> None:
+        """Hand the memory freed by the model's work back to the system (the queue is empty)."""
+        from simret.utils.allocator import release_freed_memory
+
+        release_freed_memory()
+        self.trims += 1
 
     def _gather(self, first: Any):
         """The first job and those arriving within ``max_wait``, up to ``max_batch`` (calls set aside)."""

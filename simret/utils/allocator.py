@@ -9,13 +9,18 @@ stops that: no ``mmap`` for large blocks (``M_MMAP_MAX=0``) and a high trim thre
 so the memory freed after one image is reused by the next. Descriptors are identical; the process keeps
 its peak memory until it exits (it is not handed back between images).
 
-``simret``'s entry point calls it before any command runs (torch is not imported then). Switch it off with
+``release_freed_memory`` is the other direction, for a process that lives long (``simret serve``): it hands the
+free pages of every malloc arena back to the system (``malloc_trim(0)``), called when the process is idle.
+
+``simret``'s entry point calls ``keep_freed_memory`` before any command runs (torch is not imported then), except
+for long-running commands. Switch it off with
 ``SIMRET_MALLOC=default``. Nothing is changed where another allocator is preloaded (jemalloc, tcmalloc,
 mimalloc in ``LD_PRELOAD``: they keep memory on their own) or where the C library is not glibc.
 """
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 from typing import Optional
@@ -59,6 +64,19 @@ def keep_freed_memory() -> str:
     return _state
 
 
+def release_freed_memory() -> bool:
+    """Give the free memory of every glibc arena back to the system (``malloc_trim(0)``: the heap's free top
+    and whole free pages inside it). True when glibc released something; False when nothing was released
+    or the C library is not glibc. Costs a walk over the arenas (milliseconds): call it when idle."""
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "malloc_trim"):
+        return False
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    libc.malloc_trim.restype = ctypes.c_int
+    return bool(libc.malloc_trim(0))
+
+
+@functools.lru_cache(maxsize=1)
 def _glibc():
     """The C library through ctypes when it is glibc (has ``mallopt``), else None."""
     try:
