@@ -90,6 +90,47 @@ def test_sampled_rows_are_gathered_in_one_streamed_pass(tmp_path, tiny_blocks, d
     assert access._map is None and access._rows_at is None
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_rows_read_with_pread_equal_the_memory_map_and_leave_nothing_mapped(tmp_path, tiny_blocks, dtype):
+    """``RowAccess(mapped=False)`` (recall measurement over a large store) gathers the same rows as the memory
+    map, unsorted and repeated, from chunked stores (checksummed) and from a contiguous one another program
+    wrote; a damaged chunk is still named, and a truncated file is an error, not zeros."""
+    import h5py
+
+    x = unit_rows(103, 16, seed=5)
+    chunked = write_store(tmp_path / "store.h5", x, [f"{i}.jpg" for i in range(103)],
+                          store_attrs(provenance(16), scales=(1.0,)), dtype=dtype)
+    contiguous = tmp_path / "plain.h5"
+    with h5py.File(contiguous, "w") as handle:
+        handle["descriptors"] = x.astype(dtype)
+    wanted = np.array([102, 5, 6, 7, 5, 0, 64, 65, 1, 101, 102])
+    for path in (chunked, contiguous):
+        with store_module.RowAccess(path) as mapped, store_module.RowAccess(path, mapped=False) as read:
+            assert read._map is None and mapped._map is not None
+            np.testing.assert_array_equal(read[wanted], mapped[wanted])
+            assert read[wanted].dtype == np.dtype(dtype) and read[[]].shape == (0, 16)
+            with pytest.raises(IndexError):
+                read[[103]]
+
+    with h5py.File(chunked, "r") as handle:
+        rows_per_chunk = handle["descriptors"].chunks[0]
+        offsets = store_module._chunk_offsets(handle["descriptors"], rows_per_chunk)
+    data = bytearray(chunked.read_bytes())
+    data[offsets[3] + 5] ^= 0xFF  # a byte of the fourth chunk
+    chunked.write_bytes(bytes(data))
+    first, last = 3 * rows_per_chunk, 4 * rows_per_chunk - 1
+    with store_module.RowAccess(chunked, mapped=False) as read:
+        np.testing.assert_array_equal(read[[0, 100]], x[[0, 100]].astype(dtype))
+        with pytest.raises(store_module.StoreDamagedError, match=f"rows {first}-{last}"):
+            read[[first + 1]]
+
+    whole = contiguous.read_bytes()
+    with store_module.RowAccess(contiguous, mapped=False) as read:
+        contiguous.write_bytes(whole[:len(whole) - 40])  # cut under the open reader
+        with pytest.raises(store_module.StoreDamagedError, match="truncated"):
+            read[[102]]
+
+
 def test_store_only_directory_is_searched_exactly_block_by_block(tmp_path, tiny_blocks):
     database = unit_rows(300, 64)
     ids = [f"img{i:03d}.jpg" for i in range(300)]

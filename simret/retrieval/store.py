@@ -578,9 +578,9 @@ class StoreReader:
                                                        (first, last))
         return picked[inverse]
 
-    def row_access(self) -> RowAccess:
-        """Fast random access to rows straight from the file (no checksum check); see ``open_descriptors``."""
-        return RowAccess(self.path)
+    def row_access(self, *, mapped: bool = True) -> RowAccess:
+        """Fast random access to rows straight from the file (each chunk checked once); see ``RowAccess``."""
+        return RowAccess(self.path, mapped=mapped)
 
     def damaged_rows(self, datasets: Optional[Sequence[str]] = None) -> List[Tuple[int, int]]:
         """Read ``datasets`` (default: all of them — ids, descriptors, file states) chunk by chunk; the
@@ -623,10 +623,14 @@ class RowAccess:
     chunks are located once), else h5py reads. Each chunk is checked against its HDF5 checksum the first
     time one of its rows is gathered (``StoreDamagedError`` naming its rows); later gathers are plain reads.
 
+    ``mapped=False`` reads the rows with ``pread`` instead of a memory map: nothing of the file becomes
+    resident in this process (the pages a map touches count in its RSS until it is unmapped), at one system
+    call per run of consecutive rows. For a build that gathers many scattered rows once (recall measurement).
+
     Holds the file open, so it survives the file being replaced or removed meanwhile.
     """
 
-    def __init__(self, path: PathLike) -> None:
+    def __init__(self, path: PathLike, *, mapped: bool = True) -> None:
         import h5py
 
         self.path = Path(path)
@@ -651,11 +655,14 @@ class RowAccess:
             self._table = table  # compressed or unusual layouts (or no rows): h5py reads
             return
         self._file = open(self.path, "rb")
-        self._map = np.memmap(self._file, dtype=np.uint8, mode="r")
-        _advise_random(self._map)
-        # every byte offset as the start of one row's bytes (overlapping items): a row gather is one fancy index
-        self._rows_at = np.ndarray((len(self._map) - self._row_bytes + 1,), dtype=np.dtype((np.void, self._row_bytes)),
-                                   buffer=self._map, offset=0, strides=(1,))
+        self._rows_at = None
+        if mapped:
+            self._map = np.memmap(self._file, dtype=np.uint8, mode="r")
+            _advise_random(self._map)
+            # every byte offset as the start of one row's bytes (overlapping items): a gather is one fancy index
+            self._rows_at = np.ndarray((len(self._map) - self._row_bytes + 1,),
+                                       dtype=np.dtype((np.void, self._row_bytes)), buffer=self._map, offset=0,
+                                       strides=(1,))
         if self._chunk_offsets is None or getattr(self, "_verified", None) is None:
             self._handle.close()
 
@@ -689,7 +696,26 @@ class RowAccess:
         else:
             self._verify(index // self._chunk_rows)
             starts = self._chunk_offsets[index // self._chunk_rows] + (index % self._chunk_rows) * self._row_bytes
+        if self._map is None:
+            return self._read(starts)
         return self._rows_at[starts].view(self.dtype).reshape(index.size, self.shape[1])
+
+    def _read(self, starts: np.ndarray) -> np.ndarray:
+        """Rows whose bytes begin at ``starts`` (file offsets), read with ``pread``: each run of rows adjacent
+        in the file (after sorting) in one call."""
+        unique, inverse = np.unique(starts, return_inverse=True)
+        data = np.empty((unique.size, self._row_bytes), np.uint8)
+        breaks = np.flatnonzero(np.diff(unique) != self._row_bytes) + 1
+        firsts = np.concatenate([[0], breaks]).tolist()
+        lasts = np.concatenate([breaks, [unique.size]]).tolist()
+        handle = self._file.fileno()
+        for first, last in zip(firsts, lasts):
+            wanted = (last - first) * self._row_bytes
+            got = os.preadv(handle, [data[first:last]], int(unique[first]))
+            if got != wanted:
+                raise StoreDamagedError(f"{self.path} is truncated: {wanted} bytes of descriptors at offset "
+                                        f"{int(unique[first])}, {got} read", [])
+        return data.view(self.dtype).reshape(unique.size, self.shape[1])[inverse]
 
     def _verify(self, chunks: np.ndarray) -> None:
         """Read each chunk not checked yet through HDF5, whose fletcher32 filter verifies it."""

@@ -188,7 +188,7 @@ def _index(generation: NewGeneration, assembled: Assembled, previous: Previous, 
 QUALITY_KEYS = ("choice", "recall_at_10", "recall_at_10_rescored", "recall_queries", "recall_measured_at", "tuned",
                 "rerank")
 RECALL_QUERIES = 1000  # stored rows used as queries to measure an approximate index's recall
-RESCORE_BYTES = 256 << 20  # float32 rows gathered at once to re-score those queries
+RESCORE_BYTES = 64 << 20  # float32 rows gathered at once to re-score those queries
 RECALL_TARGET = 0.95  # recall@10 with re-scoring the build aims for, by choosing the re-scoring depth
 RERANK_DEPTHS = (16, 32, 64, 128)  # candidates re-scored per result tried, shallowest first
 REMEASURE_GROWTH = 0.1  # an appended index is measured again once it grew by this fraction
@@ -282,16 +282,18 @@ def measure_recall(index: Index, store_path: Path, prepare: Callable[[np.ndarray
 
 def _rescored(index: Index, store: StoreReader, prepare: Callable[[np.ndarray], np.ndarray], queries: np.ndarray,
               k: int, rerank: int) -> np.ndarray:
-    """Row ids ``(Q, k)`` of an ivfpq search re-scored with the stored rows. The candidates' rows are gathered
-    in streamed passes over the store (a memory map would leave most of a large store resident), as many
-    queries per pass as keep the rows gathered under ``RESCORE_BYTES``."""
+    """Row ids ``(Q, k)`` of an ivfpq search re-scored with the stored rows. The candidates' rows are read with
+    ``pread`` (a memory map would leave every page it touched resident, most of a large store), as many
+    queries at a time as keep the rows gathered under ``RESCORE_BYTES``; each chunk's checksum is verified the
+    first time one of its rows is read."""
     per_query = k * rerank * store.dim * 4
     batch = max(1, RESCORE_BYTES // per_query)
-    def stored(picked: np.ndarray) -> np.ndarray:
-        return prepare(store.sampled_rows(picked))
+    with store.row_access(mapped=False) as access:
+        def stored(picked: np.ndarray) -> np.ndarray:
+            return prepare(access[picked].astype(np.float32, copy=False))
 
-    return np.concatenate([index.search(queries[i:i + batch], k, exact=stored, rerank=rerank)[1]
-                           for i in range(0, len(queries), batch)])
+        return np.concatenate([index.search(queries[i:i + batch], k, exact=stored, rerank=rerank)[1]
+                               for i in range(0, len(queries), batch)])
 
 
 def tune_latency(index: Index, store_path: Path, prepare: Callable[[np.ndarray], np.ndarray],
