@@ -64,6 +64,10 @@ def test_one_compiled_model_serves_every_size_and_batch(cnn, images, precision, 
     cosines = _cosines(fast, cnn, images)
     assert (1 - cosines).max().item() <= bound, cosines
     assert isinstance(fast._forward, OpenVinoForward)  # nothing fell back to eager
+    # OpenVINO reads NCHW arrays: inputs are not laid out channels-last for it (an eager CNN's are)
+    assert fast.channels_last and fast.prepare_images(images[0]).is_contiguous()
+    eager = prepare_for_inference(cnn, precision, "cpu", compile=False)
+    assert eager.prepare_images(images[0]).is_contiguous(memory_format=torch.channels_last)
 
 
 def test_descriptors_do_not_depend_on_batch_mates(cnn, images):

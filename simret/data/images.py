@@ -270,11 +270,12 @@ def to_tensor(image: Image.Image, mean: Sequence[float], std: Sequence[float]):
     import numpy as np
     import torch
 
-    array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
-    tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # (H, W, 3), a writable copy
+    tensor = torch.empty((3, *pixels.shape[:2]), dtype=torch.float32)
+    tensor.copy_(pixels.permute(2, 0, 1))  # to float and to (3, H, W) in one pass
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (tensor - mean_t) / std_t
+    return tensor.div_(255.0).sub_(mean_t).div_(std_t)  # the same float32 operations as (x / 255 - mean) / std
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,7 @@ class OpenVinoForward:
         import torch
 
         array = np.ascontiguousarray(images.detach().float().cpu().numpy())
-        self.request.infer({0: array})
+        self.request.infer({0: array}, share_inputs=True)  # read in place (synchronous: array outlives it)
         return torch.from_numpy(np.array(self.request.get_output_tensor(0).data, dtype=np.float32, copy=True))
 
 

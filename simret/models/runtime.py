@@ -188,11 +188,14 @@ class InferenceEncoder:
         return stack
 
     def prepare_images(self, images):
-        """images on the device, in the encoder's memory layout (the copy is asynchronous from pinned memory)."""
+        """images on the device, in the layout the forward pass takes (the copy is asynchronous from pinned
+        memory): channels-last for an eager or inductor CNN; as they come for OpenVINO, which takes NCHW
+        arrays (a channels-last tensor would be laid out twice, there and back)."""
         import torch
 
         images = images.to(self.device, non_blocking=True)
-        if self.channels_last and images.ndim == 4:
+        takes_nchw = self.compiled and self.compile_backend == "openvino"
+        if self.channels_last and images.ndim == 4 and not takes_nchw:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
 

@@ -289,7 +289,7 @@ def _stack(tensors: List[Any], device: Any):
     import torch
 
     if getattr(device, "type", "cpu") != "cuda":
-        return torch.stack(tensors)
+        return tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)  # one image: a view, no copy
     pinned = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype, pin_memory=True)
     return torch.stack(tensors, out=pinned)
 
