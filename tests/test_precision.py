@@ -173,6 +173,43 @@ def test_the_fingerprint_is_hashed_once_per_set_of_weights(monkeypatch):
     assert encoder.fingerprint != first and len(calls) == 2  # new weights, new digest
 
 
+def test_a_transformer_at_bf16_runs_a_copy_with_16_bit_weights_kept_current(encoders):
+    """ViTs on a CPU at bf16 run a copy whose trunk holds bf16 weights (no cast per call); the encoder keeps
+    its float32 weights and fingerprint, and the copy follows the encoder when its weights change."""
+    from simret.models import runtime
+
+    encoder = encoders["vit"]
+    before = encoder.fingerprint
+    fast = prepare_for_inference(encoder, "bf16", "cpu", compile=False)
+    image = _photos()[0]
+    with torch.inference_mode():
+        first = fast(image)
+    copies = [v for k, v in runtime._compiled_cache(encoder).items() if k[0] == runtime._TRUNK_COPY]
+    assert len(copies) == 1 and copies[0] is not encoder
+    assert fast.describe() == "bf16 (16-bit trunk weights), contiguous on cpu"
+    assert {p.dtype for p in copies[0].trunk.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in copies[0].pool.parameters()} <= {torch.float32}
+    assert {p.dtype for p in encoder.parameters()} == {torch.float32} and encoder.fingerprint == before
+    with torch.inference_mode():
+        assert torch.equal(fast(image), first)  # the same copy again
+    with torch.no_grad():
+        encoder.trunk.blocks[0].mlp.fc2.bias.add_(0.5)
+    try:
+        with torch.inference_mode():
+            changed = fast(image)
+        fresh = [v for k, v in runtime._compiled_cache(encoder).items() if k[0] == runtime._TRUNK_COPY]
+        assert len(fresh) == 1 and fresh[0] is not copies[0]  # rebuilt from the new weights, the old one dropped
+        assert not torch.allclose(changed, first)
+        exact = F.normalize(encoder(image), dim=-1)
+        assert (F.normalize(changed, dim=-1) * exact).sum().item() >= 0.999
+    finally:
+        with torch.no_grad():
+            encoder.trunk.blocks[0].mlp.fc2.bias.sub_(0.5)
+    cnn = prepare_for_inference(encoders["cnn"], "bf16", "cpu", compile=False)
+    assert not cnn._casts_trunk and not prepare_for_inference(encoder, "fp32", "cpu")._casts_trunk
+    prepare_for_inference(encoders["cnn"], "fp32", "cpu", channels_last=False)
+
+
 def test_prepared_encoders_are_reused_when_they_run_as_asked(encoders):
     fast = prepare_for_inference(encoders["vit"], "bf16", "cpu")
     assert prepare_for_inference(fast, None, None, compile=None) is fast
