@@ -22,8 +22,13 @@ def test_the_server_keeps_glibc_trimming(monkeypatch, capsys):
 def test_release_freed_memory_gives_pages_back_to_the_system():
     """After a large freed allocation, ``malloc_trim`` reports memory released (glibc) and the process keeps
     working; where the C library is not glibc it says so by returning False."""
+    import os
     import platform
 
+    import pytest
+
+    if any(name in os.environ.get("LD_PRELOAD", "") for name in allocator.OTHER_ALLOCATORS):
+        pytest.skip("another allocator is preloaded: glibc's malloc_trim has nothing to release")
     if allocator._glibc() is None:
         assert allocator.release_freed_memory() is False
         return
@@ -48,7 +53,7 @@ def test_the_model_thread_hands_memory_back_only_when_idle(monkeypatch):
     batcher = MicroBatcher(lambda: None, trim_interval=0.05)
     batcher.call(lambda: done.set()).result(10)
     deadline = time.monotonic() + 10
-    while not trimmed and time.monotonic() < deadline:
+    while not batcher.trims and time.monotonic() < deadline:
         time.sleep(0.01)
     assert batcher.trims == 1 and len(trimmed) == 1  # once after the work, not again while nothing happens
     time.sleep(0.2)

@@ -207,6 +207,16 @@ def test_a_transformer_at_bf16_runs_a_copy_with_16_bit_weights_kept_current(enco
             encoder.trunk.blocks[0].mlp.fc2.bias.sub_(0.5)
     cnn = prepare_for_inference(encoders["cnn"], "bf16", "cpu", compile=False)
     assert not cnn._casts_trunk and not prepare_for_inference(encoder, "fp32", "cpu")._casts_trunk
+    assert not prepare_for_inference(encoder, "fp16", "cpu")._casts_trunk  # fp16 on a CPU: autocast alone
+    # the official SimPool ViTs norm the pooled descriptor (fc_norm): it keeps float32 weights for SimPool's output
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        normed = create_encoder("test_vit", gamma=1.25, fc_norm=True)
+    fast = prepare_for_inference(normed, "bf16", "cpu", compile=False)
+    with torch.inference_mode():
+        described = F.normalize(fast(image), dim=-1)
+        exact = F.normalize(normed(image), dim=-1)
+    assert fast._casts_trunk and (described * exact).sum().item() >= 0.999
     prepare_for_inference(encoders["cnn"], "fp32", "cpu", channels_last=False)
 
 

@@ -11,15 +11,20 @@ from __future__ import annotations
 import atexit
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Union
+
+
+def process_status_bytes(field: str, pid: Union[int, str] = "self") -> int:
+    """A memory field of ``/proc/<pid>/status`` (``VmRSS``, ``VmHWM`` …) in bytes (Linux only)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/{pid}/status (Linux only)")
 
 
 def peak_resident_bytes() -> int:
-    """This process's peak resident memory since its ``exec`` (``VmHWM`` of /proc/self/status), bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+    """This process's peak resident memory since its ``exec`` (``VmHWM``), bytes."""
+    return process_status_bytes("VmHWM")
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -52,10 +52,9 @@ class ServerProcess:
 
     def rss_mb(self) -> float:
         """Resident memory of the server process (Linux /proc), MB."""
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        raise RuntimeError("no VmRSS")
+        from simret.bench.peak import process_status_bytes
+
+        return process_status_bytes("VmRSS", self.process.pid) / (1 << 20)
 
     def rss_at_rest_mb(self, seconds: float = REST_SECONDS) -> float:
         """``rss_mb`` once the server has been idle for ``seconds`` (it hands freed memory back after 1 s)."""

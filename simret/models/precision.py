@@ -10,9 +10,11 @@
 Reduced precision is autocast (``torch.autocast``): weights stay float32, matrix products and convolutions
 run in the reduced type, and everything that decides descriptor accuracy runs in float32 — SimPool's
 softmax, power mean and LayerNorm (``SimPool`` disables autocast inside), the trunk's norms (autocast keeps
-them in float32) and the L2 normalisations. Descriptors are float32 whatever the precision, and an
-encoder's fingerprint does not depend on it: descriptors computed at one precision are searched with
-queries computed at another.
+them in float32) and the L2 normalisations. One exception, for speed: a transformer at bf16 on a CPU runs
+from a copy whose trunk holds bf16 weights, so its residual stream and its own LayerNorms are bf16 there
+(``simret.models.runtime``; descriptors still within cosine 0.99999 of fp32 on the demo data).
+Descriptors are float32 whatever the precision, and an encoder's fingerprint does not depend on it:
+descriptors computed at one precision are searched with queries computed at another.
 
 This module imports torch only inside the functions that need it, so the CLI options can name the choices.
 """

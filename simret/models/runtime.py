@@ -5,12 +5,13 @@
 measured to keep descriptor fidelity (``scripts/bench.py extract``):
 
 * precision: ``resolve_precision`` (bf16 autocast on CPUs with AMX/AVX512-BF16, bf16/fp16 on GPUs);
-  SimPool, the norms and the L2 normalisations stay float32 (``simret.models.precision``);
-* transformer trunks at bf16/fp16 on a CPU run from a copy of the encoder whose trunk holds its weights in
-  that precision (``_trunk_in_precision``): under autocast alone the residual stream stays float32 and every
+  SimPool, the post-pool norms and the L2 normalisations stay float32 (``simret.models.precision``);
+* transformer trunks at bf16 on a CPU run from a copy of the encoder whose trunk holds its weights in
+  bf16 (``_trunk_in_precision``): under autocast alone the residual stream stays float32 and every
   linear layer casts its input and weight again at every call (28% of a ViT-S/16 forward at 1024 px); the
   copy, 1.13x faster end to end, costs the trunk's weights once more in 16 bits (44 MB for ViT-S, 170 MB for
-  ViT-B) and is rebuilt when the weights change. SimPool and the post-pool norm keep float32 weights;
+  ViT-B) and is rebuilt when the weights change. The trunk's own LayerNorms then run in bf16 (inputs, weights);
+  SimPool and the post-pool norm keep float32 weights;
 * memory layout: CNN trunks run channels-last (NHWC; oneDNN's and cuDNN's fast layout for convolutions
   and what makes bf16 pay off on CPUs); transformer trunks keep the default layout (channels-last makes them
   slower);
@@ -36,7 +37,7 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from simret.models.precision import autocast, resolve_precision
 from simret.utils.logs import get_logger
@@ -424,7 +425,7 @@ def _compiled_cache(encoder: Any) -> Dict[Tuple[Any, ...], Any]:
     return cache
 
 
-LOW_PRECISION_TRUNK = ("bf16", "fp16")
+LOW_PRECISION_TRUNK = ("bf16",)  # fp16 on a CPU stays under autocast alone (older torch autocasts no fp16 there)
 _TRUNK_COPY = "trunk in precision"
 
 
@@ -441,16 +442,20 @@ def _trunk_in_precision(encoder: Any, precision: str, device: Any) -> Any:
     if made is None:
         for stale in [k for k in cache if k[0] == _TRUNK_COPY]:
             del cache[stale]
-        own = encoder.__dict__.pop(_CACHE_ATTRIBUTE)  # compiled graphs are not copied
-        try:
-            made = copy.deepcopy(encoder)
-        finally:
-            encoder.__dict__[_CACHE_ATTRIBUTE] = own
+        made = copy.deepcopy(encoder, {id(cache): {}})  # compiled graphs (and earlier copies) are not copied
         made.trunk.to(torch_dtype(precision))
+        for norm in _post_pool_norms(made.trunk):  # they take SimPool's float32 output
+            norm.float()
         made.eval().requires_grad_(False)
         cache[key] = made
         log.debug("%s trunk: a copy with %s weights", encoder.config.get("arch", "the"), precision)
     return made
+
+
+def _post_pool_norms(trunk: Any) -> List[Any]:
+    """The trunk's norms applied after pooling (ViT ``fc_norm``, ConvNeXt ``head.norm``), as modules."""
+    found = [getattr(trunk, "fc_norm", None), getattr(getattr(trunk, "head", None), "norm", None)]
+    return [norm for norm in found if hasattr(norm, "float") and any(True for _ in norm.parameters())]
 
 
 def _cache_key(encoder: Any, precision: str, device: Any) -> Tuple[Any, ...]:

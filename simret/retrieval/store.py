@@ -708,14 +708,24 @@ class RowAccess:
         breaks = np.flatnonzero(np.diff(unique) != self._row_bytes) + 1
         firsts = np.concatenate([[0], breaks]).tolist()
         lasts = np.concatenate([breaks, [unique.size]]).tolist()
-        handle = self._file.fileno()
         for first, last in zip(firsts, lasts):
-            wanted = (last - first) * self._row_bytes
-            got = os.preadv(handle, [data[first:last]], int(unique[first]))
-            if got != wanted:
-                raise StoreDamagedError(f"{self.path} is truncated: {wanted} bytes of descriptors at offset "
-                                        f"{int(unique[first])}, {got} read", [])
+            self._read_into(memoryview(data[first:last]).cast("B"), int(unique[first]))
         return data.view(self.dtype).reshape(unique.size, self.shape[1])[inverse]
+
+    def _read_into(self, buffer: memoryview, offset: int) -> None:
+        """Fill ``buffer`` from the file at ``offset`` (reads can come back short: go on until full or the
+        file ends, which means it was cut)."""
+        handle, done = self._file.fileno(), 0
+        while done < len(buffer):
+            if hasattr(os, "preadv"):
+                got = os.preadv(handle, [buffer[done:]], offset + done)
+            else:  # pragma: no cover - platforms without preadv (Windows)
+                self._file.seek(offset + done)
+                got = self._file.readinto(buffer[done:]) or 0
+            if got == 0:
+                raise StoreDamagedError(f"{self.path} is truncated: {len(buffer)} bytes of descriptors at offset "
+                                        f"{offset}, {done} read", [])
+            done += got
 
     def _verify(self, chunks: np.ndarray) -> None:
         """Read each chunk not checked yet through HDF5, whose fletcher32 filter verifies it."""

@@ -71,8 +71,6 @@ def release_freed_memory() -> bool:
     libc = _glibc()
     if libc is None or not hasattr(libc, "malloc_trim"):
         return False
-    libc.malloc_trim.argtypes = [ctypes.c_size_t]
-    libc.malloc_trim.restype = ctypes.c_int
     return bool(libc.malloc_trim(0))
 
 
@@ -92,4 +90,7 @@ def _glibc():
         return None
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     libc.mallopt.restype = ctypes.c_int
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.malloc_trim.restype = ctypes.c_int
     return libc

@@ -20,7 +20,7 @@ from simret.retrieval.indexdir.assemble import Assembled
 from simret.retrieval.indexdir.layout import NewGeneration, link_file
 from simret.retrieval.indexdir.names import INDEX_FILE, STORE, STORE_ONLY, WHITENING_FILE
 from simret.retrieval.indexdir.previous import Previous
-from simret.retrieval.store import StoreReader
+from simret.retrieval.store import RowAccess, StoreReader
 from simret.retrieval.whitening import PCAWhitening, l2_normalize, learn_whitening_on
 from simret.utils.logs import get_logger
 
@@ -267,12 +267,13 @@ def measure_recall(index: Index, store_path: Path, prepare: Callable[[np.ndarray
         found = without_self(index.search(queries, k + 1, rerank=0)[1], rows)
         record["recall_at_10"] = round(recall_at(found, truth, k), 4)
         if index.kind == "ivfpq":  # the shallowest re-scoring depth that reaches the target (searches use it)
-            for rerank in RERANK_DEPTHS:
-                found = _rescored(index, store, prepare, queries, k + 1, rerank)
-                record["recall_at_10_rescored"] = round(recall_at(without_self(found, rows), truth, k), 4)
-                record["rerank"] = rerank
-                if record["recall_at_10_rescored"] >= RECALL_TARGET:
-                    break
+            with store.row_access(mapped=False) as access:  # one reader: each chunk's checksum verified once
+                for rerank in RERANK_DEPTHS:
+                    found = _rescored(index, access, prepare, queries, k + 1, rerank)
+                    record["recall_at_10_rescored"] = round(recall_at(without_self(found, rows), truth, k), 4)
+                    record["rerank"] = rerank
+                    if record["recall_at_10_rescored"] >= RECALL_TARGET:
+                        break
     rescored = f", {record['recall_at_10_rescored']:.3f} re-scoring {record['rerank']}·k candidates" \
         if "recall_at_10_rescored" in record else ""
     log.info("recall@%d of the %s index against exact search, %d stored images as queries: %.3f%s", k, index.kind,
@@ -280,20 +281,19 @@ def measure_recall(index: Index, store_path: Path, prepare: Callable[[np.ndarray
     return record
 
 
-def _rescored(index: Index, store: StoreReader, prepare: Callable[[np.ndarray], np.ndarray], queries: np.ndarray,
+def _rescored(index: Index, access: RowAccess, prepare: Callable[[np.ndarray], np.ndarray], queries: np.ndarray,
               k: int, rerank: int) -> np.ndarray:
-    """Row ids ``(Q, k)`` of an ivfpq search re-scored with the stored rows. The candidates' rows are read with
-    ``pread`` (a memory map would leave every page it touched resident, most of a large store), as many
-    queries at a time as keep the rows gathered under ``RESCORE_BYTES``; each chunk's checksum is verified the
-    first time one of its rows is read."""
-    per_query = k * rerank * store.dim * 4
+    """Row ids ``(Q, k)`` of an ivfpq search re-scored with the stored rows, read through ``access`` (a
+    ``RowAccess(mapped=False)``: ``pread``, since a memory map would leave every page it touched resident, most
+    of a large store), as many queries at a time as keep the rows gathered under ``RESCORE_BYTES``."""
+    per_query = k * rerank * access.shape[1] * 4
     batch = max(1, RESCORE_BYTES // per_query)
-    with store.row_access(mapped=False) as access:
-        def stored(picked: np.ndarray) -> np.ndarray:
-            return prepare(access[picked].astype(np.float32, copy=False))
 
-        return np.concatenate([index.search(queries[i:i + batch], k, exact=stored, rerank=rerank)[1]
-                               for i in range(0, len(queries), batch)])
+    def stored(picked: np.ndarray) -> np.ndarray:
+        return prepare(access[picked].astype(np.float32, copy=False))
+
+    return np.concatenate([index.search(queries[i:i + batch], k, exact=stored, rerank=rerank)[1]
+                           for i in range(0, len(queries), batch)])
 
 
 def tune_latency(index: Index, store_path: Path, prepare: Callable[[np.ndarray], np.ndarray],
