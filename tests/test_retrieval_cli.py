@@ -35,13 +35,6 @@ def photos(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def encoder():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RandomWeightsWarning)
-        return create_encoder("test_resnet", weights=None)
-
-
 
 
 @pytest.fixture(scope="module")
