@@ -427,6 +427,7 @@ def _compiled_cache(encoder: Any) -> Dict[Tuple[Any, ...], Any]:
 
 LOW_PRECISION_TRUNK = ("bf16",)  # fp16 on a CPU stays under autocast alone (older torch autocasts no fp16 there)
 _TRUNK_COPY = "trunk in precision"
+_SOURCE_ATTRIBUTE = "_simret_copied_from"  # on a trunk copy: (the encoder's tensors, their versions then)
 
 
 def _trunk_in_precision(encoder: Any, precision: str, device: Any) -> Any:
@@ -437,18 +438,23 @@ def _trunk_in_precision(encoder: Any, precision: str, device: Any) -> Any:
     from simret.models.precision import torch_dtype
 
     cache = _compiled_cache(encoder)
-    key = (_TRUNK_COPY, *_cache_key(encoder, precision, device))
+    key = (_TRUNK_COPY, precision, str(device))
     made = cache.get(key)
-    if made is None:
-        for stale in [k for k in cache if k[0] == _TRUNK_COPY]:
-            del cache[stale]
-        made = copy.deepcopy(encoder, {id(cache): {}})  # compiled graphs (and earlier copies) are not copied
-        made.trunk.to(torch_dtype(precision))
-        for norm in _post_pool_norms(made.trunk):  # they take SimPool's float32 output
-            norm.float()
-        made.eval().requires_grad_(False)
-        cache[key] = made
-        log.debug("%s trunk: a copy with %s weights", encoder.config.get("arch", "the"), precision)
+    if made is not None:  # still current? (the versions of the tensors it was copied from: no module walk per call)
+        tensors, versions = made.__dict__[_SOURCE_ATTRIBUTE]
+        if tuple(t._version for t in tensors) == versions:
+            return made
+    for stale in [k for k in cache if k[0] == _TRUNK_COPY]:
+        del cache[stale]
+    made = copy.deepcopy(encoder, {id(cache): {}})  # compiled graphs (and earlier copies) are not copied
+    made.trunk.to(torch_dtype(precision))
+    for norm in _post_pool_norms(made.trunk):  # they take SimPool's float32 output
+        norm.float()
+    made.eval().requires_grad_(False)
+    tensors = list(encoder.state_dict(keep_vars=True).values())
+    made.__dict__[_SOURCE_ATTRIBUTE] = (tensors, tuple(t._version for t in tensors))
+    cache[key] = made
+    log.debug("%s trunk: a copy with %s weights", encoder.config.get("arch", "the"), precision)
     return made
 
 
