@@ -274,7 +274,6 @@ def create_app(index_dir: PathLike, *, encoder: Any = None, device: Any = None, 
         ValueError, FileNotFoundError: no searchable index in ``index_dir``, or an encoder of another
             fingerprint; a bad support folder, method or base mean.
     """
-
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     if max_upload_mb <= 0:

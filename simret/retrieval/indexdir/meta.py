@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+from simret.retrieval.index import DEFAULT_RERANK
 from simret.retrieval.indexdir.names import CURRENT, GENERATIONS
 
 PathLike = Union[str, os.PathLike]
@@ -205,8 +206,9 @@ def summary_lines(meta: Dict[str, Any]) -> List[str]:
     if index.get("choice"):
         lines.append(f"choice      {index['choice']}")
     if "recall_at_10" in index:
-        rescored = f", {index['recall_at_10_rescored']:.3f} with exact re-scoring of " \
-            f"{index.get('rerank', 16)}·k candidates (what searches use)" if "recall_at_10_rescored" in index else ""
+        depth = index.get("rerank", DEFAULT_RERANK)
+        rescored = f", {index['recall_at_10_rescored']:.3f} with exact re-scoring of {depth}·k candidates (what " \
+            "searches use)" if "recall_at_10_rescored" in index else ""
         lines.append(f"recall@10   {index['recall_at_10']:.3f}{rescored} (against exact search, "
                      f"{index.get('recall_queries')} stored images as queries, at {index.get('recall_measured_at')} "
                      f"images)")
