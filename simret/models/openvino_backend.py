@@ -22,7 +22,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, List
 
 from simret.utils.logs import get_logger
 
@@ -30,6 +30,7 @@ log = get_logger(__name__)
 
 INSTALL_HINT = "pip install 'simret[openvino]' (or pip install openvino)"
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+PARALLEL_STREAMS = 2  # streams of OpenVinoForward.start: requests run side by side, each on half the threads
 
 
 def openvino_available() -> bool:
@@ -46,8 +47,14 @@ def cached_model_dir(encoder: Any) -> Path:
 
 class OpenVinoForward:
     """``encoder`` compiled by OpenVINO for the CPU: images ``(B, 3, H, W)`` float → ``(B, D)`` float32 torch
-    tensors (any B, H, W). Not thread-safe (one inference request): call it from one thread, as
-    ``InferenceEncoder`` and the server's model thread do.
+    tensors (any B, H, W). Not thread-safe: call it from one thread, as ``InferenceEncoder`` and the server's
+    model thread do.
+
+    Two compiled models share the IR: calling it runs one request on all ``threads`` (the lowest latency, for
+    a query); ``start`` runs requests on ``PARALLEL_STREAMS`` streams side by side, each on part of the
+    threads, so a caller with several images keeps every core busy without a barrier across them (with two
+    threads: 1.16x the images/s of calls one after the other, median of 8 interleaved passes of 36 inputs of
+    Revisited sizes; the outputs are the same to the bit).
 
     Args:
         encoder: a ``simret.models.Encoder`` (a CNN trunk).
@@ -68,23 +75,79 @@ class OpenVinoForward:
 
         started = time.perf_counter()
         model, self.from_cache = _load_or_convert(ov, encoder, example)
-        config: Dict[str, Any] = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision],
-                                  "PERFORMANCE_HINT": "LATENCY",
-                                  "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads())}
-        self.compiled = ov.Core().compile_model(model, "CPU", config)
+        self.threads = int(threads or torch.get_num_threads())
+        self.streams = PARALLEL_STREAMS if self.threads >= PARALLEL_STREAMS else 1
+        base = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision], "INFERENCE_NUM_THREADS": self.threads}
+        core = ov.Core()
+        self.compiled = core.compile_model(model, "CPU", {**base, "PERFORMANCE_HINT": "LATENCY"})
         self.request = self.compiled.create_infer_request()
+        self.parallel = None  # the same model on `streams` streams, for start()
+        if self.streams > 1:
+            self.parallel = core.compile_model(model, "CPU", {**base, "PERFORMANCE_HINT": "THROUGHPUT",
+                                                              "NUM_STREAMS": self.streams})
+        self._idle: List[Any] = []  # the parallel model's requests not running now
         self.seconds = time.perf_counter() - started
-        log.info("OpenVINO model %s in %.1f s (%s)", "loaded from the cache" if self.from_cache else "converted",
-                 self.seconds, precision)
+        log.info("OpenVINO model %s in %.1f s (%s, %d thread(s), %d stream(s) for batches in flight)",
+                 "loaded from the cache" if self.from_cache else "converted", self.seconds, precision,
+                 self.threads, self.streams)
 
     def __call__(self, images: Any) -> Any:
-        """images ``(B, 3, H, W)`` (any memory layout, on the CPU) → ``(B, D)`` float32."""
-        import numpy as np
-        import torch
-
-        array = np.ascontiguousarray(images.detach().float().cpu().numpy())
+        """images ``(B, 3, H, W)`` (any memory layout, on the CPU) → ``(B, D)`` float32, all threads on it."""
+        array = _as_array(images)
         self.request.infer({0: array}, share_inputs=True)  # read in place (synchronous: array outlives it)
-        return torch.from_numpy(np.array(self.request.get_output_tensor(0).data, dtype=np.float32, copy=True))
+        return _output(self.request)
+
+    def start(self, images: Any) -> Callable[[], Any]:
+        """Start the forward pass of images ``(B, 3, H, W)`` on the parallel streams and return at once; the
+        returned function waits for it and gives ``(B, D)`` float32. Requests started while every stream is
+        busy queue in OpenVINO. With one stream (one thread) it runs ``__call__`` now."""
+        if self.parallel is None:
+            result = self(images)
+            return lambda: result
+        request = self._idle.pop() if self._idle else self.parallel.create_infer_request()
+        return _Running(request, _as_array(images), self._idle)
+
+
+class _Running:
+    """One request of ``OpenVinoForward.start`` in flight; calling it waits and returns its output. It holds
+    the input array the request reads in place until the request is done (also if it is dropped unread)."""
+
+    def __init__(self, request: Any, array: Any, idle: List[Any]) -> None:
+        self.request, self.array, self.idle = request, array, idle
+        request.start_async({0: array}, share_inputs=True)
+
+    def __call__(self) -> Any:
+        try:
+            self.request.wait()
+            return _output(self.request)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self.array is not None:
+            self.array = None
+            self.idle.append(self.request)
+
+    def __del__(self) -> None:
+        if self.array is not None:  # never waited for: let it finish before its input is freed
+            self.request.wait()
+            self._release()
+
+
+def _as_array(images: Any) -> Any:
+    """``(B, 3, H, W)`` tensor → contiguous float32 NCHW numpy array (a view when it already is one)."""
+    import numpy as np
+
+    return np.ascontiguousarray(images.detach().float().cpu().numpy())
+
+
+def _output(request: Any) -> Any:
+    """The finished request's ``(B, D)`` output as a float32 torch tensor of its own (the request reuses its
+    output buffer)."""
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True))
 
 
 # ------------------------------------------------------------------------------------------- helpers

@@ -37,7 +37,7 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from simret.models.precision import autocast, resolve_precision
 from simret.utils.logs import get_logger
@@ -216,6 +216,21 @@ class InferenceEncoder:
             if self.compiled:
                 return self._compiled_call(images).float()
             return self._eager_forward()(images).float()
+
+    @property
+    def runs_in_parallel(self) -> bool:
+        """Whether ``start`` runs forward passes in the background, side by side (OpenVINO with more than one
+        stream); otherwise it runs each at once."""
+        return self.compiled and getattr(self._forward, "parallel", None) is not None
+
+    def start(self, images) -> Callable[[], Any]:
+        """Start the forward pass of images ``(B, 3, H, W)``; the returned function waits for it and gives
+        ``(B, D)`` float32 descriptors (not normalised). With ``runs_in_parallel`` it returns at once, so the
+        caller prepares the next images while this runs; otherwise the pass runs now."""
+        if self.runs_in_parallel:
+            return self._forward.start(self.prepare_images(images))
+        result = self(images)
+        return lambda: result
 
     def _eager_forward(self):
         """The eager module: the encoder, or its copy with a 16-bit trunk (transformers on a CPU)."""

@@ -15,11 +15,12 @@ rank its own shard of ids and gather the results.
 """
 from __future__ import annotations
 
+import collections
 import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -119,8 +120,9 @@ def iter_extract(encoder: Any, root: PathLike, ids: Sequence[str], *, boxes: Opt
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_keep,
                         persistent_workers=False,
                         **({"prefetch_factor": max(2, 2 * batch_size // max(workers, 1))} if workers else {}))
-    runner = _BatchRunner(runtime, scales, len(dataset))
+    runner = _BatchRunner(runtime, scales, len(dataset), parallel=len(dataset) > 1)
     log.debug("extracting %d images: %s, batch size %d", len(dataset), runtime.describe(), batch_size)
+    running = _InFlight(runner)
     buckets: Dict[Tuple[int, ...], List[Tuple[Any, int]]] = {}
     buffered = 0
     bar = progress_bar(total=len(dataset), desc="extract", unit="img") if progress else _NoBar()
@@ -135,24 +137,58 @@ def iter_extract(encoder: Any, root: PathLike, ids: Sequence[str], *, boxes: Opt
             bucket.append((tensor, position))
             buffered += 1
             if len(bucket) >= batch_size:
-                result = runner(buckets.pop(tuple(tensor.shape)))
-                buffered -= len(result.positions) + len(result.failures)
-                bar.update(len(result.positions) + len(result.failures))
-                yield result
+                full = buckets.pop(tuple(tensor.shape))
             elif buffered >= BUFFER_BATCHES * batch_size:
-                largest = max(buckets, key=lambda key: len(buckets[key]))
-                result = runner(buckets.pop(largest))
-                buffered -= len(result.positions) + len(result.failures)
-                bar.update(len(result.positions) + len(result.failures))
-                yield result
+                full = buckets.pop(max(buckets, key=lambda key: len(buckets[key])))
+            else:
+                continue
+            buffered -= len(full)
+            yield from _counted(running.push(full), bar)
         for key in list(buckets):
-            result = runner(buckets.pop(key))
-            bar.update(len(result.positions) + len(result.failures))
-            yield result
+            yield from _counted(running.push(buckets.pop(key)), bar)
+        yield from _counted(running.drain(), bar)
     finally:
+        running.abandon()
         bar.close()
         if was_training:
             base.train()
+
+
+class _InFlight:
+    """Batches started on ``runner`` and not yet returned, oldest first: with a runtime that runs passes side
+    by side, one batch runs while the next is decoded and started (two in flight); otherwise one at a time."""
+
+    def __init__(self, runner: _BatchRunner) -> None:
+        self.runner = runner
+        self.batches: Deque[Callable[[], ExtractedBatch]] = collections.deque()
+
+    @property
+    def depth(self) -> int:
+        """Batches kept in flight (asked each time: ``compile="auto"`` may compile in the middle of a run)."""
+        return 2 if self.runner.parallel and self.runner.runtime.runs_in_parallel else 1
+
+    def push(self, items: List[Tuple[Any, int]]) -> List[ExtractedBatch]:
+        """Start ``items``; returns the batches that finish to keep at most ``depth`` in flight (in order)."""
+        self.batches.append(self.runner.start(items))
+        finished = []
+        while len(self.batches) >= self.depth:
+            finished.append(self.batches.popleft()())
+        return finished
+
+    def drain(self) -> List[ExtractedBatch]:
+        """Every batch still in flight, finished, in order."""
+        return [self.batches.popleft()() for _ in range(len(self.batches))]
+
+    def abandon(self) -> None:
+        """Drop what is in flight (the consumer stopped early or failed): each pass finishes before its
+        input is freed (``OpenVinoForward``'s requests wait for that), nothing is returned."""
+        self.batches.clear()
+
+
+def _counted(batches: List[ExtractedBatch], bar: Any) -> Iterator[ExtractedBatch]:
+    for batch in batches:
+        bar.update(len(batch.positions) + len(batch.failures))
+        yield batch
 
 
 def extract(encoder: Any, root: PathLike, ids: Sequence[str], *, boxes: Optional[Sequence[Optional[Box]]] = None,
@@ -227,49 +263,88 @@ class _NoBar:
 
 class _BatchRunner:
     """Runs the prepared encoder on lists of same-size ``(tensor (3,H,W), position)`` items, all scales;
-    with ``compile="auto"`` it decides, from the eager time per image so far, whether compiling pays off."""
+    with ``compile="auto"`` it decides, from the eager time per image so far, whether compiling pays off.
+    ``start`` returns at once when the runtime runs passes side by side (``parallel``); calling what it
+    returns gives the ``ExtractedBatch``."""
 
-    def __init__(self, runtime: Any, scales: Tuple[float, ...], total: int) -> None:
+    def __init__(self, runtime: Any, scales: Tuple[float, ...], total: int, parallel: bool = False) -> None:
         self.runtime = runtime
         self.scales = scales
         self.total = total
+        self.parallel = parallel
         self.done = 0
         self.eager_images = 0
         self.eager_seconds = 0.0
 
     def descriptors(self, images):
         """images ``(B, 3, H, W)`` → ``(B, D)`` float32: per scale L2N(encoder), mean, L2N."""
+        return self._combine(self._start_scales(images, parallel=False))
+
+    def _start_scales(self, images, parallel: bool) -> List[Callable[[], Any]]:
+        """The forward pass of every scale of images ``(B, 3, H, W)``, started (see ``InferenceEncoder.start``)."""
         import torch
         import torch.nn.functional as F
 
-        total = None
         images = self.runtime.prepare_images(images)
+        running = []
         with torch.inference_mode():
             for scale in self.scales:
                 batch = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear",
                                                                   align_corners=False)
-                out = F.normalize(self.runtime(batch), dim=-1)
+                if parallel:
+                    running.append(self.runtime.start(batch))
+                else:
+                    result = self.runtime(batch)
+                    running.append(lambda result=result: result)
+        return running
+
+    def _combine(self, running: List[Callable[[], Any]]):
+        """Per-scale outputs ``(B, D)`` (waited for in order) → L2N(mean of L2N) ``(B, D)`` float32."""
+        import torch
+        import torch.nn.functional as F
+
+        with torch.inference_mode():
+            total = None
+            for wait in running:
+                out = F.normalize(wait(), dim=-1)
                 total = out if total is None else total + out
-            return F.normalize(total / len(self.scales), dim=-1)
+            return F.normalize(total / len(running), dim=-1)
 
     def __call__(self, items: List[Tuple[Any, int]]) -> ExtractedBatch:
+        return self.start(items)()
+
+    def start(self, items: List[Tuple[Any, int]]) -> Callable[[], ExtractedBatch]:
+        """Start ``items``' forward passes; the returned function waits for them and gives their batch."""
         positions = np.asarray([position for _, position in items], dtype=np.int64)
         images = _stack([tensor for tensor, _ in items], self.runtime.device)
         started = time.perf_counter()
         compiled = self.runtime.compiled
         try:
-            result = ExtractedBatch(positions, self.descriptors(images).cpu().numpy(), [])
+            running = self._start_scales(images, self.parallel)
         except RuntimeError as err:  # e.g. an image too small for the trunk at some scale
-            if len(items) > 1:
-                return self._one_by_one(images, positions)
-            return ExtractedBatch(np.zeros(0, np.int64), np.zeros((0, 0), np.float32),
-                                  [(int(positions[0]), _model_error(err, tuple(images.shape[-2:])))])
-        self.done += len(items)
+            failed = self._failed(images, positions, err)
+            return lambda: failed
+        return lambda: self._finish(images, positions, running, started, compiled)
+
+    def _finish(self, images, positions: np.ndarray, running: List[Callable[[], Any]], started: float,
+                compiled: bool) -> ExtractedBatch:
+        try:
+            result = ExtractedBatch(positions, self._combine(running).cpu().numpy(), [])
+        except RuntimeError as err:
+            return self._failed(images, positions, err)
+        self.done += len(positions)
         if not compiled and self.runtime.compile_mode == "auto":
-            self.eager_images += len(items)
+            self.eager_images += len(positions)
             self.eager_seconds += time.perf_counter() - started
             self.runtime.maybe_compile(self.eager_images, self.eager_seconds, self.total - self.done)
         return result
+
+    def _failed(self, images, positions: np.ndarray, err: RuntimeError) -> ExtractedBatch:
+        """A batch whose forward pass failed: image by image when there are several, else the failure."""
+        if len(positions) > 1:
+            return self._one_by_one(images, positions)
+        return ExtractedBatch(np.zeros(0, np.int64), np.zeros((0, 0), np.float32),
+                              [(int(positions[0]), _model_error(err, tuple(images.shape[-2:])))])
 
     def _one_by_one(self, images, positions: np.ndarray) -> ExtractedBatch:
         kept, rows, failures = [], [], []
