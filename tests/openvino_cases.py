@@ -193,3 +193,83 @@ def test_simret_index_with_openvino_stores_the_eager_descriptors(tmp_path):
     cosines = (a.descriptors * b.descriptors).sum(1) / np.linalg.norm(a.descriptors, axis=1) / np.linalg.norm(
         b.descriptors, axis=1)
     assert (1 - cosines).max() < 1e-5
+
+
+def test_passes_started_side_by_side_equal_the_latency_path(cnn, images):
+    forward = OpenVinoForward(cnn, "fp32", images[0], threads=2)
+    assert forward.streams == 2 and forward.parallel is not None
+    with torch.inference_mode():
+        one_by_one = [forward(x) for x in images]
+        running = [forward.start(x) for x in images]  # all four in flight at once (one is a batch of two)
+        side_by_side = [wait() for wait in running]
+        again = [wait() for wait in [forward.start(x) for x in images]]
+    for expected, got, second in zip(one_by_one, side_by_side, again):
+        assert got.dtype == torch.float32 and got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)  # the same compiled kernels: the same bits
+        torch.testing.assert_close(second, expected, rtol=0, atol=0)
+    assert len(forward._idle) == len(images)  # requests are reused, not created per pass
+
+
+def test_a_started_pass_dropped_unread_finishes_before_its_input_is_freed(cnn, images):
+    import gc
+
+    forward = OpenVinoForward(cnn, "fp32", images[0], threads=2)
+    with torch.inference_mode():
+        running = forward.start(images[1].clone())
+    del running
+    gc.collect()
+    assert len(forward._idle) == 1  # waited for and handed back
+    with torch.inference_mode():
+        torch.testing.assert_close(forward.start(images[1])(), forward(images[1]), rtol=0, atol=0)
+
+
+def test_one_thread_runs_started_passes_at_once(cnn, images):
+    forward = OpenVinoForward(cnn, "fp32", images[0], threads=1)
+    assert forward.streams == 1 and forward.parallel is None
+    with torch.inference_mode():
+        torch.testing.assert_close(forward.start(images[3])(), forward(images[3]), rtol=0, atol=0)
+
+
+@pytest.fixture
+def two_threads():
+    """torch on two threads (the tests run on one): OpenVINO takes torch's thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_extraction_keeps_two_batches_in_flight_in_order(two_threads, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from simret.retrieval import extraction
+    from simret.retrieval.extraction import extract
+
+    rng = np.random.default_rng(0)
+    sizes = [(64, 48), (40, 72), (64, 48), (6, 5), (56, 56), (33, 90)]  # (6, 5) is too small for OpenVINO
+    ids = []
+    for number, (width, height) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(tmp_path / f"{number}.png")
+        ids.append(f"{number}.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cnn = create_encoder("test_resnet", gamma=2.0)  # its own: compiled models are cached on the encoder
+    fast = prepare_for_inference(cnn, "fp32", "cpu", compile="openvino")
+    assert fast.runs_in_parallel and fast._forward.streams == 2
+    depths = []
+    push = extraction._InFlight.push
+    monkeypatch.setattr(extraction._InFlight, "push", lambda self, items: (depths.append(len(self.batches) + 1),
+                                                                           push(self, items))[1])
+    options = dict(scales=(1.0, 0.707), max_size=None, batch_size=1, workers=0, progress=False)
+    side_by_side = extract(fast, tmp_path, ids, **options)
+    assert max(depths) == 2  # the next batch was started before the previous one was collected
+    depths.clear()
+    monkeypatch.setattr(fast._forward, "parallel", None)  # one pass at a time, on the latency model
+    assert not fast.runs_in_parallel
+    one_by_one = extract(fast, tmp_path, ids, **options)
+    assert max(depths) == 1
+    assert side_by_side.ids == one_by_one.ids == [i for i in ids if i != "3.png"]
+    np.testing.assert_array_equal(side_by_side.descriptors, one_by_one.descriptors)
+    assert [i for i, _ in side_by_side.failures] == ["3.png"] and "cannot process" in side_by_side.failures[0][1]
+    single = extract(fast, tmp_path, ids[:1], **options)  # one image (a query): the latency model, nothing queued
+    np.testing.assert_array_equal(single.descriptors, one_by_one.descriptors[:1])

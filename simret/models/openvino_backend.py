@@ -130,7 +130,10 @@ class _Running:
 
     def __del__(self) -> None:
         if self.array is not None:  # never waited for: let it finish before its input is freed
-            self.request.wait()
+            try:
+                self.request.wait()
+            except Exception:  # noqa: BLE001 - nobody wants this pass's result, nor its failure
+                pass
             self._release()
 
 
