@@ -7,8 +7,9 @@ allocator — over tensors already decoded and resized: ``encoder(resize(x, s))`
 simret runs in a child process started the way the ``simret`` command starts (its allocator setting applied
 before torch loads) and calls ``build_index`` — what ``simret index`` runs — on the JPEG files, with
 ``--precision auto``, batch size ``auto`` and the default fast path of a long run (channels-last; compiled
-for CNNs, whose compile time is its own column). Passes alternate between the two processes (the child
-waits while the baseline runs), so drift on a shared machine hits both alike; medians of the passes.
+for CNNs, whose compile time is its own column). Windows of equal length alternate between the two processes
+(one baseline pass, then simret's passes for as long as it took; each waits while the other runs), so the
+shared machine's changing speed hits both alike; the ratio is the median of the windows' ratios.
 
 Fidelity: the demo's Revisited-format sample (``write_revisited_sample``; queries cropped to their boxes),
 described by both paths at the same settings: cosine of each descriptor to its fp32 one (mean, min), top-10
@@ -165,7 +166,7 @@ def child_main(arch: str, gamma: float) -> None:
     for line in sys.stdin:
         command = json.loads(line)
         if command["op"] == "index":
-            _say(answer, {"seconds": _index_pass(runtime, Path(command["folder"]))})
+            _say(answer, _index_window(runtime, Path(command["folder"]), command.get("min_seconds", 0.0)))
         elif command["op"] == "describe":
             _say(answer, {"file": _describe(runtime, command)})
 
@@ -193,6 +194,15 @@ def _index_pass(runtime: Any, folder: Path) -> float:
         return time.perf_counter() - started
 
 
+def _index_window(runtime: Any, folder: Path, min_seconds: float) -> Dict[str, Any]:
+    """``build_index`` passes over ``folder`` until ``min_seconds`` have gone by (at least one): the seconds of
+    each pass."""
+    passes = [_index_pass(runtime, folder)]
+    while sum(passes) < min_seconds:
+        passes.append(_index_pass(runtime, folder))
+    return {"passes": passes}
+
+
 def _describe(runtime: Any, command: Dict[str, Any]) -> str:
     from simret.retrieval.extraction import extract
 
@@ -208,8 +218,12 @@ def _describe(runtime: Any, command: Dict[str, Any]) -> str:
 
 
 def _speed(arch: str, encoder: Any, child: Child, folder: Path, ids: List[str], passes: int) -> Dict[str, Any]:
+    """``passes`` pairs of equal windows: one baseline pass, then simret's passes for as long as it took
+    (each side's rate averages over the same length of time on the shared machine); ratio = median of the
+    pairs' rate ratios."""
     tensors = load_tensors(encoder, folder, ids)
-    baseline, simret = [], []
+    baseline: List[float] = []
+    simret: List[List[float]] = []
     child.ask(op="index", folder=str(folder))  # warm-up: first-touch of the caches and the allocator
     baseline_descriptors(encoder, tensors[:2])
     for _ in range(passes):
@@ -218,12 +232,18 @@ def _speed(arch: str, encoder: Any, child: Child, folder: Path, ids: List[str], 
         baseline_descriptors(encoder, tensors)
         baseline.append(time.perf_counter() - started)
         time.sleep(SETTLE_SECONDS)
-        simret.append(child.ask(op="index", folder=str(folder))["seconds"])
-        print(f"  {arch}: baseline {baseline[-1]:.1f} s, simret {simret[-1]:.1f} s for {len(ids)} photos",
+        simret.append(child.ask(op="index", folder=str(folder), min_seconds=baseline[-1])["passes"])
+        print(f"  {arch}: baseline {baseline[-1]:.1f} s, simret {_window(simret[-1])} for {len(ids)} photos",
               file=sys.stderr, flush=True)
-    paired = [b / s for b, s in zip(baseline, simret)]  # each simret pass against the baseline pass before it
-    return {"baseline": len(ids) / statistics.median(baseline), "simret": len(ids) / statistics.median(simret),
+    seconds_per_pass = [statistics.fmean(window) for window in simret]
+    paired = [b / s for b, s in zip(baseline, seconds_per_pass)]  # rates over back-to-back windows of one length
+    return {"baseline": len(ids) / statistics.median(baseline),
+            "simret": len(ids) / statistics.median([s for window in simret for s in window]),
             "ratio": statistics.median(paired), "baseline_passes": baseline, "simret_passes": simret}
+
+
+def _window(passes: List[float]) -> str:
+    return f"{statistics.fmean(passes):.2f} s per pass ({len(passes)} passes, {sum(passes):.1f} s)"
 
 
 def _fidelity(encoder: Any, child: Child, sample: Any, work: Path) -> Dict[str, float]:
@@ -294,8 +314,10 @@ def _rows(section: Section, arch: str, backend: Optional[str], count: int, speed
         f"({ready['path']}{compile_note})", speed["simret"], "img/s",
         baseline="eager fp32 forward loop (same tensors)", baseline_value=speed["baseline"], ratio=ratio,
         target=f"≥ {target:g}x" if target else None, met=(ratio >= target) if target and not quick else None))
-    pairs = ", ".join(f"{b:.1f}/{s:.1f}" for b, s in zip(speed["baseline_passes"], speed["simret_passes"]))
-    section.notes.append(f"{label}: seconds per pass of {count} photos, baseline/simret in run order: {pairs}.")
+    pairs = ", ".join(f"{b:.1f}/{statistics.fmean(s):.2f} ({len(s)})"
+                      for b, s in zip(speed["baseline_passes"], speed["simret_passes"]))
+    section.notes.append(f"{label}: seconds per pass of {count} photos, baseline/simret (simret passes in the "
+                         f"window) in run order: {pairs}.")
     fidelity_ok = fidelity["cos_min"] >= MIN_COSINE and fidelity["overlap_mean"] >= MIN_OVERLAP
     section.rows.append(Row(
         f"{label}: fidelity on the demo sample (76 images; cosine to fp32 mean {fidelity['cos_mean']:.6f}, top-10 "
@@ -311,10 +333,11 @@ def _notes(flags: str, threads: int, count: int, passes: int, started: str) -> L
         f"CPU flags that decide the precision: {flags}; torch threads: {threads}. Measured {started}, load "
         f"average {load:.1f} at the end (the machine may be shared: ratios compare passes run alternately in the "
         f"same minutes).",
-        f"Rates: median of {passes} passes over {count} photos after a warm-up pass; ratio: the median of the "
-        f"{passes} paired ratios (each simret pass against the baseline pass run just before it, each started "
-        f"after {SETTLE_SECONDS:.0f} s with the other process idle), so a slow minute on the shared machine "
-        "slows both sides of a pair; the simret pass is "
+        f"Rates: median seconds per pass over {count} photos after a warm-up pass; ratio: the median of "
+        f"{passes} paired windows of equal length — a baseline pass, then simret's passes back to back for as "
+        f"long as it took (each window started after {SETTLE_SECONDS:.0f} s with the other process idle) — so "
+        "both sides of a pair average over the same length of time on the shared machine, whose speed "
+        "changes from second to second; the simret pass is "
         "build_index (JPEG decoding, resizing, extraction, HDF5 store, flat FAISS index) in a process started "
         "like `simret`; the baseline gets pre-decoded tensors and skips all of that.",
         "Compile time is the one-off compilation of the CNN from a cold cache, dynamic height and width (one "
