@@ -279,7 +279,7 @@ def run(quick: bool = False) -> Section:
     assert allocator_state() == "untouched", "the baseline must run with glibc's default allocator"
     section = Section("extract", TITLE, "python scripts/bench.py extract")
     models = QUICK_MODELS if quick else MODELS
-    count, passes = (4, 2) if quick else (12, 5)
+    count, passes = (4, 2) if quick else (12, 9)
     started = time.strftime("%Y-%m-%d %H:%M")
     with tempfile.TemporaryDirectory(prefix="simret-bench-extract-") as tmp:
         work = Path(tmp)
