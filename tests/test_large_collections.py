@@ -131,6 +131,29 @@ def test_rows_read_with_pread_equal_the_memory_map_and_leave_nothing_mapped(tmp_
             read[[102]]
 
 
+def test_a_streamed_block_over_a_damaged_chunk_names_that_chunk(tmp_path, monkeypatch):
+    """Blocks of many chunks (16 MB in real stores): the error names the damaged chunk's rows, not the block's."""
+    import h5py
+
+    monkeypatch.setattr(h5checked, "CHUNK_BYTES", 64 * 4)  # a few rows per chunk, every row in one block
+    x = unit_rows(103, 16, seed=6)
+    path = write_store(tmp_path / "store.h5", x, [f"{i}.jpg" for i in range(103)],
+                       store_attrs(provenance(16), scales=(1.0,)))
+    with h5py.File(path, "r") as handle:
+        rows_per_chunk = handle["descriptors"].chunks[0]
+        offsets = store_module._chunk_offsets(handle["descriptors"], rows_per_chunk)
+    data = bytearray(path.read_bytes())
+    data[offsets[5] + 3] ^= 0xFF  # a byte of the sixth chunk
+    path.write_bytes(bytes(data))
+    first, stop = 5 * rows_per_chunk, 6 * rows_per_chunk
+    with store_module.StoreReader(path) as store:
+        assert store_module.block_rows(16, store.dtype) >= 103  # one block holds every chunk
+        with pytest.raises(store_module.StoreDamagedError, match=f"rows {first}-{stop - 1}: ") as caught:
+            list(store.blocks())
+        assert caught.value.rows == [(first, stop)]
+        np.testing.assert_array_equal(store.rows([0, 102]), x[[0, 102]])  # the other chunks still read
+
+
 def test_store_only_directory_is_searched_exactly_block_by_block(tmp_path, tiny_blocks):
     database = unit_rows(300, 64)
     ids = [f"img{i:03d}.jpg" for i in range(300)]

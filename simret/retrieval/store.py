@@ -602,8 +602,20 @@ class StoreReader:
         try:
             return read()
         except H5_READ_ERRORS as err:  # a damaged chunk, damaged bytes of an id, damaged HDF5 metadata
+            spans = [span]
+            if name != "ids":  # rows in checksummed chunks: name the damaged chunks, not the whole read
+                spans = self._damaged_within(name, span) or spans
+            more = f" and {len(spans) - 1} more range(s)" if len(spans) > 1 else ""
             raise StoreDamagedError(f"{self.path} is damaged: dataset {name!r} fails its checksum or cannot be read "
-                                    f"(rows {span[0]}-{span[1] - 1}: {_first_line(err)})", [span]) from None
+                                    f"(rows {spans[0][0]}-{spans[0][1] - 1}{more}: {_first_line(err)})",
+                                    spans) from None
+
+    def _damaged_within(self, name: str, span: Tuple[int, int]) -> List[Tuple[int, int]]:
+        """The damaged chunks' row ranges within ``span`` of dataset ``name`` (empty if it cannot tell)."""
+        try:
+            return h5checked.damaged_ranges(self._handle[name], *span)
+        except Exception:  # noqa: BLE001 - the structure itself is damaged: the whole read is named
+            return []
 
     def close(self) -> None:
         if self._handle is not None:
