@@ -1,9 +1,10 @@
 """The OpenVINO backend of ``InferenceEncoder.compile``: a CNN encoder run by OpenVINO's CPU runtime.
 
 Optional (``pip install 'simret[openvino]'``). Measured on a 2-core AMX CPU (``scripts/bench.py extract``:
-``simret index``, ResNet-50 + SimPool at 1024 px, three scales): 6-7.9x a bare eager fp32 loop depending on
-the run, about as fast as ``torch.compile`` (inductor), converted in 4-6 s where inductor compiles for 30 s,
-and from the IR cached on disk in under a second. The model is converted once (TorchScript tracing) with a
+``simret index``, ResNet-50 + SimPool at 1024 px, three scales): 8.3x a bare eager fp32 loop (median of 9
+paired windows, 6.2-10.5x from window to window on a shared machine), where ``torch.compile`` (inductor)
+gave 5.0x in the same run; converted in 5 s where inductor compiles for 38 s, and from the IR cached on disk
+in under a second. The model is converted once (TorchScript tracing) with a
 dynamic batch, height and width: one compiled model serves every image size, nothing is padded or resized. bf16 runs as
 OpenVINO's ``INFERENCE_PRECISION_HINT``; SimPool's power mean, softmax and L2 normalisation are
 converted as the graph computes them (descriptors differ from fp32 by 1 - cos < 1e-5, measured).
