@@ -210,6 +210,25 @@ def test_passes_started_side_by_side_equal_the_latency_path(cnn, images):
     assert len(forward._idle) == len(images)  # requests are reused, not created per pass
 
 
+def test_a_pass_is_collected_once_and_a_failed_stream_compile_keeps_the_latency_model(cnn, images, caplog):
+    from simret.models import openvino_backend
+
+    forward = OpenVinoForward(cnn, "fp32", images[0], threads=2)
+    with torch.inference_mode():
+        running = forward.start(images[0])
+        running()
+        with pytest.raises(RuntimeError, match="already collected"):
+            running()  # its request is back in the pool: its output would be another pass's
+
+    class Refusing:
+        def compile_model(self, *args):
+            raise RuntimeError("no streams here")
+
+    with caplog.at_level("WARNING"):
+        assert openvino_backend._compile_streams(Refusing(), None, {}, 2) is None
+    assert "could not compile 2 streams (no streams here)" in caplog.text
+
+
 def test_a_started_pass_dropped_unread_finishes_before_its_input_is_freed(cnn, images):
     import gc
 
@@ -243,7 +262,7 @@ def test_extraction_keeps_two_batches_in_flight_in_order(two_threads, tmp_path, 
     from PIL import Image
 
     from simret.retrieval import extraction
-    from simret.retrieval.extraction import extract
+    from simret.retrieval.extraction import extract, iter_extract
 
     rng = np.random.default_rng(0)
     sizes = [(64, 48), (40, 72), (64, 48), (6, 5), (56, 56), (33, 90)]  # (6, 5) is too small for OpenVINO
@@ -263,7 +282,10 @@ def test_extraction_keeps_two_batches_in_flight_in_order(two_threads, tmp_path, 
     options = dict(scales=(1.0, 0.707), max_size=None, batch_size=1, workers=0, progress=False)
     side_by_side = extract(fast, tmp_path, ids, **options)
     assert max(depths) == 2  # the next batch was started before the previous one was collected
+    assert len(fast._forward._idle) >= 2  # passes ran on the two-stream model's requests
+    order = [batch.positions.tolist() for batch in iter_extract(fast, tmp_path, ids, **options)]
     depths.clear()
+    two_streams = fast._forward.parallel
     monkeypatch.setattr(fast._forward, "parallel", None)  # one pass at a time, on the latency model
     assert not fast.runs_in_parallel
     one_by_one = extract(fast, tmp_path, ids, **options)
@@ -271,5 +293,13 @@ def test_extraction_keeps_two_batches_in_flight_in_order(two_threads, tmp_path, 
     assert side_by_side.ids == one_by_one.ids == [i for i in ids if i != "3.png"]
     np.testing.assert_array_equal(side_by_side.descriptors, one_by_one.descriptors)
     assert [i for i, _ in side_by_side.failures] == ["3.png"] and "cannot process" in side_by_side.failures[0][1]
+    assert order == [batch.positions.tolist() for batch in iter_extract(fast, tmp_path, ids, **options)]
+    monkeypatch.setattr(fast._forward, "parallel", two_streams)
+    depths.clear()
     single = extract(fast, tmp_path, ids[:1], **options)  # one image (a query): the latency model, nothing queued
     np.testing.assert_array_equal(single.descriptors, one_by_one.descriptors[:1])
+    assert depths == [1]
+    depths.clear()
+    same_size = [ids[0], ids[2]]  # one batch at one scale: every thread on it, nothing side by side
+    extract(fast, tmp_path, same_size, **{**options, "scales": (1.0,), "batch_size": 4})
+    assert depths == [1]

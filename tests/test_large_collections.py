@@ -151,6 +151,9 @@ def test_a_streamed_block_over_a_damaged_chunk_names_that_chunk(tmp_path, monkey
         with pytest.raises(store_module.StoreDamagedError, match=f"rows {first}-{stop - 1}: ") as caught:
             list(store.blocks())
         assert caught.value.rows == [(first, stop)]
+        with pytest.raises(store_module.StoreDamagedError) as caught:
+            store.rows([first + 1, first + 2])  # a read from the middle of the chunk names the whole chunk
+        assert caught.value.rows == [(first, stop)]
         np.testing.assert_array_equal(store.rows([0, 102]), x[[0, 102]])  # the other chunks still read
 
 

@@ -7,9 +7,10 @@ allocator — over tensors already decoded and resized: ``encoder(resize(x, s))`
 simret runs in a child process started the way the ``simret`` command starts (its allocator setting applied
 before torch loads) and calls ``build_index`` — what ``simret index`` runs — on the JPEG files, with
 ``--precision auto``, batch size ``auto`` and the default fast path of a long run (channels-last; compiled
-for CNNs, whose compile time is its own column). Windows of equal length alternate between the two processes
-(one baseline pass, then simret's passes for as long as it took; each waits while the other runs), so the
-shared machine's changing speed hits both alike; the ratio is the median of the windows' ratios.
+for CNNs, whose compile time is its own column). Windows of about equal length alternate between the two
+processes (one baseline pass, then simret's passes back to back until at least as long has gone by; each
+waits while the other runs), so the shared machine's changing speed hits both alike; the ratio is the median
+of the windows' ratios (simret's mean seconds per pass in its window).
 
 Fidelity: the demo's Revisited-format sample (``write_revisited_sample``; queries cropped to their boxes),
 described by both paths at the same settings: cosine of each descriptor to its fp32 one (mean, min), top-10
@@ -218,9 +219,9 @@ def _describe(runtime: Any, command: Dict[str, Any]) -> str:
 
 
 def _speed(arch: str, encoder: Any, child: Child, folder: Path, ids: List[str], passes: int) -> Dict[str, Any]:
-    """``passes`` pairs of equal windows: one baseline pass, then simret's passes for as long as it took
-    (each side's rate averages over the same length of time on the shared machine); ratio = median of the
-    pairs' rate ratios."""
+    """``passes`` pairs of windows of about equal length: one baseline pass, then simret's passes until at least
+    as long has gone by (each side's rate averages over about the same length of time on the shared machine);
+    ratio = median of the pairs' rate ratios."""
     tensors = load_tensors(encoder, folder, ids)
     baseline: List[float] = []
     simret: List[List[float]] = []
@@ -333,11 +334,12 @@ def _notes(flags: str, threads: int, count: int, passes: int, started: str) -> L
         f"CPU flags that decide the precision: {flags}; torch threads: {threads}. Measured {started}, load "
         f"average {load:.1f} at the end (the machine may be shared: ratios compare passes run alternately in the "
         f"same minutes).",
-        f"Rates: median seconds per pass over {count} photos after a warm-up pass; ratio: the median of "
-        f"{passes} paired windows of equal length — a baseline pass, then simret's passes back to back for as "
-        f"long as it took (each window started after {SETTLE_SECONDS:.0f} s with the other process idle) — so "
-        "both sides of a pair average over the same length of time on the shared machine, whose speed "
-        "changes from second to second; the simret pass is "
+        f"Rates: median seconds per pass over {count} photos after a warm-up pass (simret: over every pass of "
+        f"every window); ratio: the median of {passes} paired windows of about equal length — a baseline pass, "
+        "then simret's passes back to back until at least as long had gone by (one pass more at most; each "
+        f"window started after {SETTLE_SECONDS:.0f} s with the other process idle), simret's mean seconds per "
+        "pass in its window — so both sides of a pair average over about the same length of time on the "
+        "shared machine, whose speed changes from second to second; the simret pass is "
         "build_index (JPEG decoding, resizing, extraction, HDF5 store, flat FAISS index) in a process started "
         "like `simret`; the baseline gets pre-decoded tensors and skips all of that.",
         "Compile time is the one-off compilation of the CNN from a cold cache, dynamic height and width (one "

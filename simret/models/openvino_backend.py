@@ -23,7 +23,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, List
+from typing import Any, Callable, Dict, List
 
 from simret.utils.logs import get_logger
 
@@ -82,10 +82,9 @@ class OpenVinoForward:
         core = ov.Core()
         self.compiled = core.compile_model(model, "CPU", {**base, "PERFORMANCE_HINT": "LATENCY"})
         self.request = self.compiled.create_infer_request()
-        self.parallel = None  # the same model on `streams` streams, for start()
-        if self.streams > 1:
-            self.parallel = core.compile_model(model, "CPU", {**base, "PERFORMANCE_HINT": "THROUGHPUT",
-                                                              "NUM_STREAMS": self.streams})
+        self.parallel = _compile_streams(core, model, base, self.streams) if self.streams > 1 else None
+        if self.parallel is None:
+            self.streams = 1
         self._idle: List[Any] = []  # the parallel model's requests not running now
         self.seconds = time.perf_counter() - started
         log.info("OpenVINO model %s in %.1f s (%s, %d thread(s), %d stream(s) for batches in flight)",
@@ -105,8 +104,9 @@ class OpenVinoForward:
         if self.parallel is None:
             result = self(images)
             return lambda: result
+        array = _as_array(images)
         request = self._idle.pop() if self._idle else self.parallel.create_infer_request()
-        return _Running(request, _as_array(images), self._idle)
+        return _Running(request, array, self._idle)
 
 
 class _Running:
@@ -118,6 +118,8 @@ class _Running:
         request.start_async({0: array}, share_inputs=True)
 
     def __call__(self) -> Any:
+        if self.array is None:  # its request went back to the pool: its output is someone else's now
+            raise RuntimeError("this OpenVINO pass was already collected")
         try:
             self.request.wait()
             return _output(self.request)
@@ -136,6 +138,17 @@ class _Running:
             except Exception:  # noqa: BLE001 - nobody wants this pass's result, nor its failure
                 pass
             self._release()
+
+
+def _compile_streams(core: Any, model: Any, base: Dict[str, Any], streams: int) -> Any:
+    """``model`` compiled to run ``streams`` requests side by side, or None (logged) if that fails: the
+    latency model alone still serves every call."""
+    try:
+        return core.compile_model(model, "CPU", {**base, "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": streams})
+    except Exception as err:  # noqa: BLE001 - any runtime failure: passes run one at a time instead
+        log.warning("OpenVINO could not compile %d streams (%s): passes run one at a time", streams,
+                    str(err).splitlines()[0] if str(err) else type(err).__name__)
+        return None
 
 
 def _as_array(images: Any) -> Any:

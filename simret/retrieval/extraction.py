@@ -123,7 +123,9 @@ def iter_extract(encoder: Any, root: PathLike, ids: Sequence[str], *, boxes: Opt
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_keep,
                         persistent_workers=False,
                         **({"prefetch_factor": max(2, 2 * batch_size // max(workers, 1))} if workers else {}))
-    runner = _BatchRunner(runtime, scales, len(dataset), parallel=len(dataset) > 1)
+    # side by side only when two passes can overlap: one batch at one scale keeps all the threads on it
+    overlaps = len(dataset) > 1 and (len(dataset) > batch_size or len(scales) > 1)
+    runner = _BatchRunner(runtime, scales, len(dataset), parallel=overlaps)
     log.debug("extracting %d images: %s, batch size %d", len(dataset), runtime.describe(), batch_size)
     running = _InFlight(runner)
     buckets: Dict[Tuple[int, ...], List[Tuple[Any, int]]] = {}

@@ -611,9 +611,13 @@ class StoreReader:
                                     spans) from None
 
     def _damaged_within(self, name: str, span: Tuple[int, int]) -> List[Tuple[int, int]]:
-        """The damaged chunks' row ranges within ``span`` of dataset ``name`` (empty if it cannot tell)."""
+        """The row ranges of the damaged chunks that ``span`` of dataset ``name`` touches (whole chunks: the
+        search starts at a chunk boundary); empty if it cannot tell."""
         try:
-            return h5checked.damaged_ranges(self._handle[name], *span)
+            dataset = self._handle[name]
+            step = dataset.chunks[0] if dataset.chunks else 1
+            stop = min(dataset.shape[0], -(-span[1] // step) * step)
+            return h5checked.damaged_ranges(dataset, span[0] - span[0] % step, stop)
         except Exception:  # noqa: BLE001 - the structure itself is damaged: the whole read is named
             return []
 
