@@ -33,6 +33,19 @@ def provenance(dim):
             "weights": "random", "dim": dim, "simret_version": "0"}
 
 
+def damage_chunk(path, chunk):
+    """Invert a byte of descriptor chunk number ``chunk`` of the store at ``path``; returns rows per chunk."""
+    import h5py
+
+    with h5py.File(path, "r") as handle:
+        rows_per_chunk = handle["descriptors"].chunks[0]
+        offsets = store_module._chunk_offsets(handle["descriptors"], rows_per_chunk)
+    data = bytearray(path.read_bytes())
+    data[offsets[chunk] + 5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return rows_per_chunk
+
+
 @pytest.fixture
 def tiny_blocks(monkeypatch):
     """Stores of a few rows per chunk and per block: every streamed path runs over many blocks."""
@@ -112,12 +125,7 @@ def test_rows_read_with_pread_equal_the_memory_map_and_leave_nothing_mapped(tmp_
             with pytest.raises(IndexError):
                 read[[103]]
 
-    with h5py.File(chunked, "r") as handle:
-        rows_per_chunk = handle["descriptors"].chunks[0]
-        offsets = store_module._chunk_offsets(handle["descriptors"], rows_per_chunk)
-    data = bytearray(chunked.read_bytes())
-    data[offsets[3] + 5] ^= 0xFF  # a byte of the fourth chunk
-    chunked.write_bytes(bytes(data))
+    rows_per_chunk = damage_chunk(chunked, 3)
     first, last = 3 * rows_per_chunk, 4 * rows_per_chunk - 1
     with store_module.RowAccess(chunked, mapped=False) as read:
         np.testing.assert_array_equal(read[[0, 100]], x[[0, 100]].astype(dtype))
@@ -133,18 +141,11 @@ def test_rows_read_with_pread_equal_the_memory_map_and_leave_nothing_mapped(tmp_
 
 def test_a_streamed_block_over_a_damaged_chunk_names_that_chunk(tmp_path, monkeypatch):
     """Blocks of many chunks (16 MB in real stores): the error names the damaged chunk's rows, not the block's."""
-    import h5py
-
     monkeypatch.setattr(h5checked, "CHUNK_BYTES", 64 * 4)  # a few rows per chunk, every row in one block
     x = unit_rows(103, 16, seed=6)
     path = write_store(tmp_path / "store.h5", x, [f"{i}.jpg" for i in range(103)],
                        store_attrs(provenance(16), scales=(1.0,)))
-    with h5py.File(path, "r") as handle:
-        rows_per_chunk = handle["descriptors"].chunks[0]
-        offsets = store_module._chunk_offsets(handle["descriptors"], rows_per_chunk)
-    data = bytearray(path.read_bytes())
-    data[offsets[5] + 3] ^= 0xFF  # a byte of the sixth chunk
-    path.write_bytes(bytes(data))
+    rows_per_chunk = damage_chunk(path, 5)
     first, stop = 5 * rows_per_chunk, 6 * rows_per_chunk
     with store_module.StoreReader(path) as store:
         assert store_module.block_rows(16, store.dtype) >= 103  # one block holds every chunk
