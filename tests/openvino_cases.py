@@ -18,6 +18,7 @@ from simret.models.openvino_backend import INSTALL_HINT, OpenVinoForward, cached
 from simret.models.runtime import CompilePolicy, prepare_for_inference  # noqa: E402
 
 SIZES = [(1, 64, 64), (1, 64, 80), (2, 48, 96), (1, 97, 61)]
+SAME = {"rtol": 1e-5, "atol": 1e-6}  # one compiled IR run on different thread counts
 
 
 @pytest.fixture(autouse=True)
@@ -205,8 +206,10 @@ def test_passes_started_side_by_side_equal_the_latency_path(cnn, images):
         again = [wait() for wait in [forward.start(x) for x in images]]
     for expected, got, second in zip(one_by_one, side_by_side, again):
         assert got.dtype == torch.float32 and got.shape == expected.shape
-        torch.testing.assert_close(got, expected, rtol=0, atol=0)  # the same compiled kernels: the same bits
-        torch.testing.assert_close(second, expected, rtol=0, atol=0)
+        # the same IR on one thread per stream instead of two: equal here to the bit; float rounding allowed
+        # elsewhere (another CPU may split a reduction across threads)
+        torch.testing.assert_close(got, expected, **SAME)
+        torch.testing.assert_close(second, expected, **SAME)
     assert len(forward._idle) == len(images)  # requests are reused, not created per pass
 
 
@@ -239,14 +242,14 @@ def test_a_started_pass_dropped_unread_finishes_before_its_input_is_freed(cnn, i
     gc.collect()
     assert len(forward._idle) == 1  # waited for and handed back
     with torch.inference_mode():
-        torch.testing.assert_close(forward.start(images[1])(), forward(images[1]), rtol=0, atol=0)
+        torch.testing.assert_close(forward.start(images[1])(), forward(images[1]), **SAME)
 
 
 def test_one_thread_runs_started_passes_at_once(cnn, images):
     forward = OpenVinoForward(cnn, "fp32", images[0], threads=1)
     assert forward.streams == 1 and forward.parallel is None
     with torch.inference_mode():
-        torch.testing.assert_close(forward.start(images[3])(), forward(images[3]), rtol=0, atol=0)
+        torch.testing.assert_close(forward.start(images[3])(), forward(images[3]), rtol=0, atol=0)  # one model
 
 
 @pytest.fixture
@@ -291,13 +294,13 @@ def test_extraction_keeps_two_batches_in_flight_in_order(two_threads, tmp_path, 
     one_by_one = extract(fast, tmp_path, ids, **options)
     assert max(depths) == 1
     assert side_by_side.ids == one_by_one.ids == [i for i in ids if i != "3.png"]
-    np.testing.assert_array_equal(side_by_side.descriptors, one_by_one.descriptors)
+    np.testing.assert_allclose(side_by_side.descriptors, one_by_one.descriptors, **SAME)
     assert [i for i, _ in side_by_side.failures] == ["3.png"] and "cannot process" in side_by_side.failures[0][1]
     assert order == [batch.positions.tolist() for batch in iter_extract(fast, tmp_path, ids, **options)]
     monkeypatch.setattr(fast._forward, "parallel", two_streams)
     depths.clear()
     single = extract(fast, tmp_path, ids[:1], **options)  # one image (a query): the latency model, nothing queued
-    np.testing.assert_array_equal(single.descriptors, one_by_one.descriptors[:1])
+    np.testing.assert_array_equal(single.descriptors, one_by_one.descriptors[:1])  # both on the latency model
     assert depths == [1]
     depths.clear()
     same_size = [ids[0], ids[2]]  # one batch at one scale: every thread on it, nothing side by side
