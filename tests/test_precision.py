@@ -170,7 +170,39 @@ def test_the_fingerprint_is_hashed_once_per_set_of_weights(monkeypatch):
     assert len(calls) == 1
     with torch.no_grad():
         next(encoder.parameters()).add_(1.0)
-    assert encoder.fingerprint != first and len(calls) == 2  # new weights, new digest
+    second = encoder.fingerprint
+    assert second != first and len(calls) == 2  # new weights, new digest
+    pool = encoder.pool.wk  # a replaced parameter (a new tensor, version 0 like the old one)
+    pool.weight = torch.nn.Parameter(pool.weight.detach() * 2)
+    third = encoder.fingerprint
+    assert third not in (first, second) and len(calls) == 3
+    assert encoder.fingerprint == third and len(calls) == 3  # unchanged: not hashed again
+
+
+def _a_replaced_or_reassigned_parameter_renews_the_copy(encoder, fast, image):
+    """A replaced ``nn.Parameter`` (a new tensor, version 0 like the old one) makes the bf16 trunk copy stale;
+    the encoder is left as it was."""
+    from simret.models import runtime
+
+    def current_copy():
+        with torch.inference_mode():
+            described = fast(image)
+        copies = [v for k, v in runtime._compiled_cache(encoder).items() if k[0] == runtime._TRUNK_COPY]
+        assert len(copies) == 1
+        return copies[0], described
+
+    before, first = current_copy()
+    assert current_copy()[0] is before  # nothing changed: the same copy
+    fc2 = encoder.trunk.blocks[0].mlp.fc2
+    original = fc2.bias
+    try:
+        fc2.bias = torch.nn.Parameter(original.detach() + 0.5)
+        replaced, second = current_copy()
+        assert replaced is not before and not torch.allclose(second, first)
+    finally:
+        fc2.bias = original
+    restored, third = current_copy()
+    assert restored is not replaced and torch.equal(third, first)
 
 
 def test_a_transformer_at_bf16_runs_a_copy_with_16_bit_weights_kept_current(encoders):
@@ -205,6 +237,7 @@ def test_a_transformer_at_bf16_runs_a_copy_with_16_bit_weights_kept_current(enco
     finally:
         with torch.no_grad():
             encoder.trunk.blocks[0].mlp.fc2.bias.sub_(0.5)
+    _a_replaced_or_reassigned_parameter_renews_the_copy(encoder, fast, image)
     cnn = prepare_for_inference(encoders["cnn"], "bf16", "cpu", compile=False)
     assert not cnn._casts_trunk and not prepare_for_inference(encoder, "fp32", "cpu")._casts_trunk
     assert not prepare_for_inference(encoder, "fp16", "cpu")._casts_trunk  # fp16 on a CPU: autocast alone

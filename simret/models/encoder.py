@@ -11,7 +11,7 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -39,6 +39,24 @@ Tensor = torch.Tensor
 
 class RandomWeightsWarning(UserWarning):
     """Raised (as a warning) when an encoder, or its pooling layer, carries random weights."""
+
+
+
+def weights_state(tensors: Sequence[torch.Tensor]) -> Tuple[int, ...]:
+    """Each tensor's version, bumped by every in-place change. Kept with the tensor objects themselves (a
+    replaced parameter is a new object). ``.data =`` swaps storage without either: that is how ``.to()`` and
+    channels-last move weights without changing them, so it does not count as a change."""
+    return tuple(t._version for t in tensors)
+
+
+def _same_weights(key: Any, tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether ``key`` — ``(tensors, weights_state(tensors))`` kept from earlier — still describes ``tensors``
+    (the same objects, unchanged)."""
+    if not key:
+        return False
+    held, state = key
+    return len(held) == len(tensors) and all(a is b for a, b in zip(held, tensors)) and \
+        weights_state(tensors) == state
 
 
 class Encoder(nn.Module):
@@ -79,12 +97,13 @@ class Encoder(nn.Module):
         """A stable id of architecture + pooling + weights: ``<arch>-<pool>-<16 hex>``.
 
         The digest covers the configuration and every parameter and buffer, so two encoders share a
-        fingerprint exactly when they compute the same descriptors; it is recomputed after any in-place
-        change of the weights (training steps, ``load_state_dict``).
+        fingerprint exactly when they compute the same descriptors; it is recomputed after the weights change
+        in place (training steps, ``load_state_dict``) or a parameter or buffer is replaced (not after a change of
+        layout or device, which keeps the values).
         """
         tensors = list(self.state_dict(keep_vars=True).items())
-        version = tuple(t._version for _, t in tensors)
-        if self._fingerprint_cache[0] != version:
+        values = [t for _, t in tensors]
+        if not _same_weights(self._fingerprint_cache[0], values):
             digest = hashlib.blake2b(digest_size=8)
             digest.update(json.dumps(self._identity(), sort_keys=True).encode())
             for name, tensor in tensors:
@@ -93,7 +112,7 @@ class Encoder(nn.Module):
                 if data.dtype == torch.bfloat16:
                     data = data.view(torch.int16)
                 digest.update(data.numpy().tobytes() if data.numel() else b"")
-            self._fingerprint_cache = (version, digest.hexdigest())
+            self._fingerprint_cache = ((values, weights_state(values)), digest.hexdigest())
         return f"{self.config['arch']}-{self.config['pool']}-{self._fingerprint_cache[1]}"
 
     def set_data_config(self, **overrides: Any) -> Dict[str, Any]:

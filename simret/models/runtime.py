@@ -442,7 +442,7 @@ def _compiled_cache(encoder: Any) -> Dict[Tuple[Any, ...], Any]:
 
 LOW_PRECISION_TRUNK = ("bf16",)  # fp16 on a CPU stays under autocast alone (older torch autocasts no fp16 there)
 _TRUNK_COPY = "trunk in precision"
-_SOURCE_ATTRIBUTE = "_simret_copied_from"  # on a trunk copy: (the encoder's tensors, their versions then)
+_SOURCE_ATTRIBUTE = "_simret_copied_from"  # on a trunk copy: [the encoder's tensors, their state, registrations]
 
 
 def _trunk_in_precision(encoder: Any, precision: str, device: Any) -> Any:
@@ -455,10 +455,8 @@ def _trunk_in_precision(encoder: Any, precision: str, device: Any) -> Any:
     cache = _compiled_cache(encoder)
     key = (_TRUNK_COPY, precision, str(device))
     made = cache.get(key)
-    if made is not None:  # still current? (the versions of the tensors it was copied from: no module walk per call)
-        tensors, versions = made.__dict__[_SOURCE_ATTRIBUTE]
-        if tuple(t._version for t in tensors) == versions:
-            return made
+    if made is not None and _copy_is_current(encoder, made):
+        return made
     for stale in [k for k in cache if k[0] == _TRUNK_COPY]:
         del cache[stale]
     made = copy.deepcopy(encoder, {id(cache): {}})  # compiled graphs (and earlier copies) are not copied
@@ -467,10 +465,48 @@ def _trunk_in_precision(encoder: Any, precision: str, device: Any) -> Any:
         norm.float()
     made.eval().requires_grad_(False)
     tensors = list(encoder.state_dict(keep_vars=True).values())
-    made.__dict__[_SOURCE_ATTRIBUTE] = (tensors, tuple(t._version for t in tensors))
+    made.__dict__[_SOURCE_ATTRIBUTE] = [tensors, _weights_state(tensors), _registrations()]
     cache[key] = made
     log.debug("%s trunk: a copy with %s weights", encoder.config.get("arch", "the"), precision)
     return made
+
+
+def _copy_is_current(encoder: Any, made: Any) -> bool:
+    """Whether the trunk copy ``made`` still holds ``encoder``'s weights: the tensors it was copied from are
+    unchanged (their versions: no module walk per call) and still the encoder's (walked only after a parameter
+    or buffer was assigned somewhere: a replaced ``nn.Parameter`` is a new tensor)."""
+    source = made.__dict__[_SOURCE_ATTRIBUTE]
+    tensors, state, seen = source
+    if seen != _registrations():
+        current = list(encoder.state_dict(keep_vars=True).values())
+        if len(current) != len(tensors) or any(a is not b for a, b in zip(current, tensors)):
+            return False
+        source[2] = _registrations()
+    return _weights_state(tensors) == state
+
+
+def _weights_state(tensors: List[Any]) -> Tuple[int, ...]:
+    from simret.models.encoder import weights_state
+
+    return weights_state(tensors)
+
+
+_REGISTERED = [0, False]  # [parameters and buffers assigned on any module since counting began, hooks installed]
+
+
+def _registrations() -> int:
+    """How many parameters and buffers were assigned on any module since simret began counting (torch's global
+    registration hooks, installed once: a counter, nothing else)."""
+    if not _REGISTERED[1]:
+        import torch.nn.modules.module as module
+
+        def count(*_: Any) -> None:
+            _REGISTERED[0] += 1
+
+        module.register_module_parameter_registration_hook(count)
+        module.register_module_buffer_registration_hook(count)
+        _REGISTERED[1] = True
+    return _REGISTERED[0]
 
 
 def _post_pool_norms(trunk: Any) -> List[Any]:
@@ -480,10 +516,10 @@ def _post_pool_norms(trunk: Any) -> List[Any]:
 
 
 def _cache_key(encoder: Any, precision: str, device: Any) -> Tuple[Any, ...]:
-    """Compiled graphs hold the weights as constants: the key includes every tensor's version, so a graph
-    is never reused after the weights changed (training, load_state_dict)."""
-    versions = tuple(t._version for t in encoder.state_dict(keep_vars=True).values())
-    return (precision, str(device), versions)
+    """Compiled graphs hold the weights as constants: the key includes every tensor's identity and version, so
+    a graph is never reused after the weights changed (training, load_state_dict, a replaced parameter)."""
+    tensors = list(encoder.state_dict(keep_vars=True).values())
+    return (precision, str(device), tuple(id(t) for t in tensors), _weights_state(tensors))
 
 
 def _example_side(encoder: Any) -> int:
