@@ -41,7 +41,6 @@ class RandomWeightsWarning(UserWarning):
     """Raised (as a warning) when an encoder, or its pooling layer, carries random weights."""
 
 
-
 def weights_state(tensors: Sequence[torch.Tensor]) -> Tuple[int, ...]:
     """Each tensor's version, bumped by every in-place change. Kept with the tensor objects themselves (a
     replaced parameter is a new object). ``.data =`` swaps storage without either: that is how ``.to()`` and
@@ -49,7 +48,7 @@ def weights_state(tensors: Sequence[torch.Tensor]) -> Tuple[int, ...]:
     return tuple(t._version for t in tensors)
 
 
-def _same_weights(key: Any, tensors: Sequence[torch.Tensor]) -> bool:
+def same_weights(key: Any, tensors: Sequence[torch.Tensor]) -> bool:
     """Whether ``key`` — ``(tensors, weights_state(tensors))`` kept from earlier — still describes ``tensors``
     (the same objects, unchanged)."""
     if not key:
@@ -103,7 +102,7 @@ class Encoder(nn.Module):
         """
         tensors = list(self.state_dict(keep_vars=True).items())
         values = [t for _, t in tensors]
-        if not _same_weights(self._fingerprint_cache[0], values):
+        if not same_weights(self._fingerprint_cache[0], values):
             digest = hashlib.blake2b(digest_size=8)
             digest.update(json.dumps(self._identity(), sort_keys=True).encode())
             for name, tensor in tensors:

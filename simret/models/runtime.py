@@ -223,11 +223,12 @@ class InferenceEncoder:
         stream); otherwise it runs each at once."""
         return self.compiled and getattr(self._forward, "parallel", None) is not None
 
-    def start(self, images) -> Callable[[], Any]:
+    def start(self, images, side_by_side: bool = True) -> Callable[[], Any]:
         """Start the forward pass of images ``(B, 3, H, W)``; the returned function waits for it and gives
-        ``(B, D)`` float32 descriptors (not normalised). With ``runs_in_parallel`` it returns at once, so the
-        caller prepares the next images while this runs; otherwise the pass runs now."""
-        if self.runs_in_parallel:
+        ``(B, D)`` float32 descriptors (not normalised). With ``side_by_side`` and ``runs_in_parallel`` it
+        returns at once, so the caller prepares the next images while this runs; otherwise the pass runs now
+        (on all threads)."""
+        if side_by_side and self.runs_in_parallel:
             return self._forward.start(self.prepare_images(images))
         result = self(images)
         return lambda: result
@@ -442,7 +443,7 @@ def _compiled_cache(encoder: Any) -> Dict[Tuple[Any, ...], Any]:
 
 LOW_PRECISION_TRUNK = ("bf16",)  # fp16 on a CPU stays under autocast alone (older torch autocasts no fp16 there)
 _TRUNK_COPY = "trunk in precision"
-_SOURCE_ATTRIBUTE = "_simret_copied_from"  # on a trunk copy: [the encoder's tensors, their state, registrations]
+_SOURCE_ATTRIBUTE = "_simret_copied_from"  # on a trunk copy: [(the encoder's tensors, their versions), registrations]
 
 
 def _trunk_in_precision(encoder: Any, precision: str, device: Any) -> Any:
@@ -450,6 +451,7 @@ def _trunk_in_precision(encoder: Any, precision: str, device: Any) -> Any:
     float32), cached beside the compiled graphs and made again once the encoder's weights change."""
     import copy
 
+    from simret.models.encoder import weights_state
     from simret.models.precision import torch_dtype
 
     cache = _compiled_cache(encoder)
@@ -465,30 +467,27 @@ def _trunk_in_precision(encoder: Any, precision: str, device: Any) -> Any:
         norm.float()
     made.eval().requires_grad_(False)
     tensors = list(encoder.state_dict(keep_vars=True).values())
-    made.__dict__[_SOURCE_ATTRIBUTE] = [tensors, _weights_state(tensors), _registrations()]
+    made.__dict__[_SOURCE_ATTRIBUTE] = [(tensors, weights_state(tensors)), _registrations()]
     cache[key] = made
     log.debug("%s trunk: a copy with %s weights", encoder.config.get("arch", "the"), precision)
     return made
 
 
 def _copy_is_current(encoder: Any, made: Any) -> bool:
-    """Whether the trunk copy ``made`` still holds ``encoder``'s weights: the tensors it was copied from are
-    unchanged (their versions: no module walk per call) and still the encoder's (walked only after a parameter
-    or buffer was assigned somewhere: a replaced ``nn.Parameter`` is a new tensor)."""
+    """Whether the trunk copy ``made`` still holds ``encoder``'s weights (``simret.models.encoder.same_weights``):
+    the tensors it was copied from unchanged (their versions: no module walk per call), and still the encoder's
+    — walked only after a parameter or buffer was assigned somewhere (a replaced ``nn.Parameter`` is a new
+    tensor)."""
+    from simret.models.encoder import same_weights, weights_state
+
     source = made.__dict__[_SOURCE_ATTRIBUTE]
-    tensors, state, seen = source
-    if seen != _registrations():
-        current = list(encoder.state_dict(keep_vars=True).values())
-        if len(current) != len(tensors) or any(a is not b for a, b in zip(current, tensors)):
-            return False
-        source[2] = _registrations()
-    return _weights_state(tensors) == state
-
-
-def _weights_state(tensors: List[Any]) -> Tuple[int, ...]:
-    from simret.models.encoder import weights_state
-
-    return weights_state(tensors)
+    key, seen = source
+    if seen == _registrations():
+        return weights_state(key[0]) == key[1]
+    if not same_weights(key, list(encoder.state_dict(keep_vars=True).values())):
+        return False
+    source[1] = _registrations()
+    return True
 
 
 _REGISTERED = [0, False]  # [parameters and buffers assigned on any module since counting began, hooks installed]
@@ -518,8 +517,10 @@ def _post_pool_norms(trunk: Any) -> List[Any]:
 def _cache_key(encoder: Any, precision: str, device: Any) -> Tuple[Any, ...]:
     """Compiled graphs hold the weights as constants: the key includes every tensor's identity and version, so
     a graph is never reused after the weights changed (training, load_state_dict, a replaced parameter)."""
+    from simret.models.encoder import weights_state
+
     tensors = list(encoder.state_dict(keep_vars=True).values())
-    return (precision, str(device), tuple(id(t) for t in tensors), _weights_state(tensors))
+    return (precision, str(device), tuple(id(t) for t in tensors), weights_state(tensors))
 
 
 def _example_side(encoder: Any) -> int:

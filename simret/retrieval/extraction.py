@@ -296,11 +296,7 @@ class _BatchRunner:
             for scale in self.scales:
                 batch = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear",
                                                                   align_corners=False)
-                if parallel:
-                    running.append(self.runtime.start(batch))
-                else:
-                    result = self.runtime(batch)
-                    running.append(lambda result=result: result)
+                running.append(self.runtime.start(batch, side_by_side=parallel))
         return running
 
     def _combine(self, running: List[Callable[[], Any]]):

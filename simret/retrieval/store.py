@@ -571,11 +571,9 @@ class StoreReader:
             raise StoreError(f"row index out of range for {self.path} ({self.count} rows)")
         unique, inverse = np.unique(order, return_inverse=True)
         picked = np.empty((unique.size, self.dim), np.float32)
-        breaks = np.flatnonzero(np.diff(unique) != 1) + 1  # consecutive rows are read as one slice
-        for run in np.split(np.arange(unique.size), breaks):
-            first, last = int(unique[run[0]]), int(unique[run[-1]]) + 1
-            picked[run[0]:run[-1] + 1] = self._guarded(lambda a=first, b=last: self._table[a:b], "descriptors",
-                                                       (first, last))
+        for begin, end in _runs(unique, 1):  # consecutive rows are read as one slice
+            first, last = int(unique[begin]), int(unique[end - 1]) + 1
+            picked[begin:end] = self._guarded(lambda a=first, b=last: self._table[a:b], "descriptors", (first, last))
         return picked[inverse]
 
     def row_access(self, *, mapped: bool = True) -> RowAccess:
@@ -721,11 +719,8 @@ class RowAccess:
         in the file (after sorting) in one call."""
         unique, inverse = np.unique(starts, return_inverse=True)
         data = np.empty((unique.size, self._row_bytes), np.uint8)
-        breaks = np.flatnonzero(np.diff(unique) != self._row_bytes) + 1
-        firsts = np.concatenate([[0], breaks]).tolist()
-        lasts = np.concatenate([breaks, [unique.size]]).tolist()
-        for first, last in zip(firsts, lasts):
-            self._read_into(memoryview(data[first:last]).cast("B"), int(unique[first]))
+        for begin, end in _runs(unique, self._row_bytes):
+            self._read_into(memoryview(data[begin:end]).cast("B"), int(unique[begin]))
         return data.view(self.dtype).reshape(unique.size, self.shape[1])[inverse]
 
     def _read_into(self, buffer: memoryview, offset: int) -> None:
@@ -795,6 +790,15 @@ def _true_runs(mask: np.ndarray) -> List[Tuple[int, int]]:
 def _text(name: Any) -> str:
     """A name h5py returns (``bytes`` when damaged bytes are not UTF-8) as text for messages."""
     return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+
+
+def _runs(ascending: np.ndarray, step: int) -> List[Tuple[int, int]]:
+    """``(begin, end)`` positions of the runs of ``ascending`` (sorted, distinct) values ``step`` apart: rows
+    (``step`` 1) or row offsets (``step`` = bytes per row) that one read fetches together."""
+    if not len(ascending):
+        return []
+    breaks = (np.flatnonzero(np.diff(ascending) != step) + 1).tolist()
+    return list(zip([0] + breaks, breaks + [len(ascending)]))
 
 
 def _first_line(err: BaseException) -> str:
